@@ -24,9 +24,9 @@ def heldout_sets(source: TextSource, heldout_docs: int) -> dict[str, list[str]]:
     """The held-out documents, split by bundled source when there are several."""
     if source.kind != "bundled":
         return {source.name or "files": list(iter_texts(source, 0, heldout_docs))}
-    from llm.data.corpus import corpus_names
+    from llm.data.corpus import available_sources
     return {name: list(iter_texts(replace(source, corpus=[name]), 0, heldout_docs))
-            for name in (source.corpus or corpus_names())}
+            for name in (source.corpus or available_sources())}
 
 
 def train_tokenizer(cfg: DictConfig) -> dict:

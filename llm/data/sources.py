@@ -60,16 +60,24 @@ def resolve_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def _bundled_files(corpus: list[str] | None) -> list[str]:
+def _load_bundled(corpus: list[str] | None) -> datasets.Dataset:
+    """All bundled sources blended evenly: every prefix of the result holds each source in proportion
+    to its size, so the held-out first documents and any training prefix sample every source."""
     from llm.data.corpus import corpus_files
-    return [str(p) for p in corpus_files(corpus)]
+    parts = [datasets.load_dataset("json", data_files=str(p), split="train") for p in corpus_files(corpus)]
+    keys = [((j + 0.5) / len(part), s, j) for s, part in enumerate(parts) for j in range(len(part))]
+    offsets = list(itertools.accumulate([0] + [len(part) for part in parts]))
+    order = [offsets[s] + j for _, s, j in sorted(keys)]
+    return datasets.concatenate_datasets(parts).select(order)
 
 
-def load_documents(source: TextSource) -> datasets.IterableDataset:
-    """The source as a streaming `datasets.IterableDataset` with one document per example."""
+def load_documents(source: TextSource) -> datasets.Dataset | datasets.IterableDataset:
+    """The source as a `datasets` dataset with one document per example (streamed unless bundled)."""
     if source.kind == "hub":
         return _load_hub(source)
-    files = _bundled_files(source.corpus) if source.kind == "bundled" else resolve_files(source.files)
+    if source.kind == "bundled":
+        return _load_bundled(source.corpus)
+    files = resolve_files(source.files)
     builder = _builder_for(files[0])
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)

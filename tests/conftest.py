@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny tokenizer trained once per session, and the real configs composed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import llm.config  # noqa: F401  (registers the resolvers the configs use)
+from llm.data.sources import TextSource, iter_texts
+from llm.tokenizer import Tokenizer
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(config_name: str = "train", overrides: list[str] = ()) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 1024-token BPE trained on the bundled corpus (first ~2 MB): fast, and real enough."""
+    folder = tmp_path_factory.mktemp("artifacts") / "tokenizer"
+    Tokenizer.train(iter_texts(TextSource(), start=100), vocab_size=1024, out_dir=folder, max_chars=2_000_000)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir) -> Tokenizer:
+    return Tokenizer.load(tokenizer_dir)
