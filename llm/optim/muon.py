@@ -1,0 +1,167 @@
+"""
+MuonAdamW: one torch.optim.Optimizer that trains hidden matrices with Muon and everything
+else with AdamW, so Lightning's automatic optimization (one optimizer) can drive both.
+
+Each param group says which rule it follows with `kind`:
+    {"kind": "muon",  "params": [...2-D...], "lr": 0.02, "momentum": 0.95, ...}
+    {"kind": "adamw", "params": [...],       "lr": 0.004, "betas": (0.8, 0.95), "eps": 1e-10, ...}
+
+Muon (Keller Jordan; as in nanochat): SGD-momentum with Nesterov, then the update is replaced
+by the nearest (semi-)orthogonal matrix, approximated by a quintic Newton-Schulz iteration run
+in bf16, and scaled by sqrt(max(1, rows/cols)).
+
+Distributed:
+- DDP: every rank already holds the full averaged gradient, so plain per-rank Muon is exact.
+- FSDP2 (`fully_shard`): params, grads and our state are DTensors sharded on dim 0. AdamW is
+  elementwise and runs on the local shards. Newton-Schulz needs the whole matrix, so the
+  Nesterov-momentum gradient is all-gathered (`full_tensor`), orthogonalised on every rank
+  (identical inputs -> identical outputs), and each rank applies only its own shard of the
+  result. The momentum buffer stays a sharded DTensor, so optimizer state is sharded too and
+  torch.distributed.checkpoint saves/loads it like any FSDP2 optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# Quintic Newton-Schulz coefficients (Keller Jordan / nanochat): chosen to push all singular
+# values into roughly [0.7, 1.2] in 5 steps, rather than converge exactly to 1 (which is slower).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+KINDS = ("muon", "adamw")
+
+# Per-kind defaults for keys a group leaves out ("kind" and "lr" must be explicit). Each kind
+# gets only its own keys, so an adamw group never carries a meaningless "momentum".
+_DEFAULTS = {
+    "muon": dict(momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0),
+    "adamw": dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+}
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise a 2-D matrix: U S V^T -> U S' V^T with S' in ~[0.7, 1.2]."""
+    if G.ndim != 2:
+        raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    # Iterate on the wide orientation so X @ X.T is the smaller Gram matrix.
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.mT
+    # Scale so the spectral norm is <= 1 (Frobenius norm bounds it), where the iteration converges.
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+def _orthogonalise(g: Tensor, steps: int) -> Tensor:
+    """Newton-Schulz on the full matrix; for a sharded DTensor, return this rank's shard of it."""
+    if not isinstance(g, DTensor):
+        return zeropower_via_newtonschulz5(g, steps)
+    full = zeropower_via_newtonschulz5(g.full_tensor(), steps)
+    # Every rank computed the same `full`, so each can cut out its own shard locally
+    # (src_data_rank=None: no scatter/broadcast, just slicing by the placements).
+    return distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for groups with kind="muon" (2-D params only), AdamW for groups with kind="adamw"."""
+
+    def __init__(self, param_groups: Iterable[dict]):
+        param_groups = list(param_groups)
+        if not param_groups or not all(isinstance(g, dict) for g in param_groups):
+            raise ValueError(
+                "MuonAdamW takes a non-empty list of param-group dicts, each with 'kind' "
+                "('muon' or 'adamw'), 'params' and 'lr'; see llm.optim.groups.build_optimizer"
+            )
+        super().__init__(param_groups, defaults={})  # defaults are per kind, see add_param_group
+
+    def add_param_group(self, param_group: dict) -> None:
+        name = param_group.get("name", "<unnamed>")
+        kind = param_group.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"param group {name!r} has kind={kind!r}; use one of {KINDS}")
+        if "lr" not in param_group:
+            raise ValueError(f"param group {name!r} has no 'lr'; every group must set its own")
+        for key, value in _DEFAULTS[kind].items():
+            param_group.setdefault(key, value)
+        if kind == "adamw":
+            # YAML gives lists; keep a tuple so state_dicts compare and print cleanly.
+            param_group["betas"] = tuple(float(b) for b in param_group["betas"])
+        super().add_param_group(param_group)
+        if kind == "muon":
+            for p in param_group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"param group {name!r} is kind='muon' but holds a param of shape "
+                        f"{tuple(p.shape)}; Muon only handles 2-D matrices, put it in an adamw group"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_group_step(group)
+            else:
+                self._adamw_group_step(group)
+        return loss
+
+    def _muon_group_step(self, group: dict) -> None:
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grad, 1 - momentum)
+            # Nesterov: step along grad blended toward the updated momentum.
+            g = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = _orthogonalise(g, group["ns_steps"])
+            if wd != 0:
+                p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
+            # p.shape is the global shape even for a sharded DTensor.
+            rows, cols = p.shape
+            p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
+
+    def _adamw_group_step(self, group: dict) -> None:
+        # Same arithmetic, in the same order, as torch.optim.AdamW(foreach=False), so the two
+        # agree bit for bit; elementwise, so it works unchanged on local DTensor shards.
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            state = self.state[p]
+            if not state:
+                # A float32 0-dim tensor, like torch's optimizers, so checkpoint tools treat it alike.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            state["step"] += 1
+            step = state["step"].item()
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
