@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from llm.data.sources import TextSource, iter_texts
+from llm.data.sources import TextSource, iter_texts, load_documents
 from llm.tokenizer import Tokenizer
 
 _ENCODE_CHUNK = 64  # documents tokenized per call (sentencepiece batches them in C++)
@@ -124,6 +124,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_workers, self.val_docs = num_workers, val_docs
         self.cursors: dict[int, Cursor] = {}
         self.batches_consumed = 0
+
+    def setup(self, stage: str) -> None:
+        load_documents(self.source)  # an unreachable hub or unreadable file fails here, before training
 
     # ---- the two loaders -------------------------------------------------------------------
 

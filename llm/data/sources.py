@@ -35,8 +35,10 @@ class TextSource:
             raise ValueError(f"data source kind={self.kind!r} is not one of bundled, files, hub")
         if self.kind == "hub" and not self.name:
             raise ValueError("data source kind=hub needs a dataset name: set data.source.name=<owner/dataset>")
-        if self.kind == "files" and not self.files:
-            raise ValueError("data source kind=files needs files: set data.source.files='[path/*.parquet]'")
+        if self.kind == "files":
+            if not self.files:
+                raise ValueError("data source kind=files needs files: set data.source.files='[path/*.parquet]'")
+            resolve_files(list(self.files))  # fail now, not inside a DataLoader worker
 
 
 def _builder_for(path: str) -> str:
