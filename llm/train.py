@@ -37,12 +37,12 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
 
 
 def stage_dir(cfg: DictConfig) -> Path:
-    """<artifacts>/<stage>; in a multirun sweep every job gets its own folder below <stage>_sweep/."""
+    """<artifacts>/<stage>; a multirun job gets <artifacts>/<stage>_sweep/<sweep folder>/<job number>
+    (its config.yaml records the job's overrides)."""
     root = absolute(cfg.paths.artifacts)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        job = HydraConfig.get().job
-        name = f"{job.num}_{job.override_dirname}".replace("/", "_") or str(job.num)
-        return root / f"{cfg.stage.name}_sweep" / HydraConfig.get().sweep.dir.split("/")[-1] / name
+        hydra_cfg = HydraConfig.get()
+        return root / f"{cfg.stage.name}_sweep" / Path(hydra_cfg.sweep.dir).name / str(hydra_cfg.job.num)
     return root / cfg.stage.name
 
 
@@ -69,10 +69,17 @@ def initial_state(cfg: DictConfig, config: GPTConfig, tokenizer: Tokenizer) -> d
     return model.state_dict()
 
 
-def horizon(cfg: DictConfig, config: GPTConfig, tokens_per_step: int) -> int:
-    """trainer.max_steps, or the steps that reach stage.target_param_data_ratio tokens per parameter."""
+def horizon(cfg: DictConfig, config: GPTConfig, tokens_per_step: int, steps_per_epoch: float | None = None) -> int:
+    """trainer.max_steps, or stage.epochs passes over the data (when the data module can count its
+    steps_per_epoch), or the steps that reach stage.target_param_data_ratio tokens per parameter."""
     if cfg.trainer.max_steps and cfg.trainer.max_steps > 0:
         return int(cfg.trainer.max_steps)
+    epochs = cfg.stage.get("epochs")
+    if epochs:
+        if steps_per_epoch is None:
+            raise ValueError(f"stage.epochs={epochs} needs a data module that knows its epoch length; set "
+                             f"trainer.max_steps instead")
+        return max(1, math.ceil(epochs * steps_per_epoch))
     ratio = cfg.stage.get("target_param_data_ratio")
     if not ratio:
         raise ValueError("set trainer.max_steps (or stage.target_param_data_ratio) to give the run a length")
@@ -115,7 +122,9 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, folder, [checkpointing, throughput])
     micro_tokens = datamodule.batch_size * datamodule.seq_len * trainer.world_size
     accum = accumulation(int(cfg.stage.total_batch_tokens), micro_tokens)
-    total_steps = horizon(cfg, config, int(cfg.stage.total_batch_tokens))
+    epoch_steps = getattr(datamodule, "steps_per_epoch", None)
+    total_steps = horizon(cfg, config, int(cfg.stage.total_batch_tokens),
+                          epoch_steps(trainer.world_size, accum) if epoch_steps else None)
     trainer.accumulate_grad_batches = accum
     trainer.fit_loop.epoch_loop.max_steps = total_steps
     trainer.val_check_interval = int(cfg.stage.val_every) * accum
@@ -143,7 +152,8 @@ def run(cfg: DictConfig) -> dict:
         "world_size": trainer.world_size, "tensorboard_dir": str(trainer.logger.log_dir),
     }
     if trainer.is_global_zero:
-        extra = {"init_from": cfg.stage.get("init_from"), "config": OmegaConf.to_container(cfg, resolve=True)}
+        extra = {"init_from": cfg.stage.get("init_from"), "config": OmegaConf.to_container(cfg, resolve=True),
+                 "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []}
         checkpoint.save_artifact(folder, state, config, tokenizer, cfg.stage.name, metrics, extra)
         print(f"{cfg.stage.name} artifact: {folder}  " + "  ".join(
             f"{k}={metrics[k]:.4f}" for k in ("train_loss", "val_bpb") if k in metrics))

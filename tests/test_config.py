@@ -49,7 +49,7 @@ def test_every_combination_of_groups_composes():
         for model in options("model"):
             check(compose("train", [f"model={model}"]))
         for experiment in options("experiment"):
-            check(compose("train", [f"+experiment={experiment}"]))
+            check(compose("train", [f"experiment={experiment}"]))
     assert len(combos) >= 4 * 4 * 2
 
 
@@ -103,3 +103,20 @@ def test_cfg_job_prints_the_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.model.depth == 20 and cfg.stage.name == "base" and cfg.optimizer.name == "muon_adamw"
+
+
+def test_multirun_sweep_jobs_write_separate_artifacts(tmp_path, tokenizer_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.train", "-m", "stage=base", "model=d2", "trainer=cpu", "trainer.max_steps=2",
+         "optimizer.matrix_lr=0.01,0.02", f"paths.artifacts={tmp_path}", f"tokenizer_dir={tokenizer_dir}",
+         "model.sequence_len=32", "data.batch_size=4", "data.num_workers=0", "stage.total_batch_tokens=128",
+         "stage.val_batches=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/multirun/sweep1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    jobs = sorted((tmp_path / "base_sweep" / "sweep1").iterdir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    metas = [OmegaConf.load(j / "config.yaml") for j in jobs]
+    assert [m.config.optimizer.matrix_lr for m in metas] == [0.01, 0.02]
+    assert "optimizer.matrix_lr=0.02" in metas[1].overrides
+    assert all((j / "model.safetensors").exists() for j in jobs)
+    assert not (tmp_path / "base").exists()
