@@ -1,0 +1,422 @@
+"""Generator: batched sampling on the static KV cache, streaming, and the calculator tool.
+
+One decoding core serves the CLI, evaluation, RL rollouts and the server:
+
+    DecodeBatch   rows that decode together on one KVCache. `admit(rows)` prefills new prompts
+                  (each distinct prompt once, so num_samples rows share one prefill) and rebuilds
+                  the cache with the rows still running, right-aligned (left padding); `step()`
+                  runs one forward for every row, samples, and applies tool forcing and stops.
+    Generator     the user-facing API: generate() streams steps, generate_batch() collects them,
+                  complete() is text in, text out.
+
+Rows keep the prompt's last token out of the prefill and feed it in the first step, so a new
+prompt and a running row look the same to step(): each has one `next_input` token. Finished rows
+stay in the batch (fed a dummy token) until at least half are finished; then the cache is rebuilt
+without them, so long-running rows don't pay for dead ones.
+
+A row stops at assistant_end or bos (the stop token is yielded and kept in the ids), at a stop
+string (TextStream sees it in the display text), or after max_tokens tokens (forced ones count).
+Tool use: the tokens between python_start and python_end are decoded and run by `tool`
+(llm.calculator.calculate by default, which answers "Error: ..." on refused input); its answer is
+forced in as output_start + text + output_end, one token per step, marked forced.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from llm.calculator import calculate
+from llm.model.gpt import GPT
+from llm.model.kv_cache import KVCache
+from llm.tokenizer import Tokenizer
+
+# How special tokens look in display text: tool calls read like GSM8K's "<<48/2=24>>"; the rest vanish.
+TOOL_DISPLAY = {"python_start": b"<<", "python_end": b"=", "output_start": b"", "output_end": b">>"}
+STOP_TOKENS = ("assistant_end", "bos")
+
+
+class Token(NamedTuple):
+    """One new token of one row: finish is None while the row runs, else "stop" or "length"."""
+    row: int
+    token: int
+    forced: bool
+    finish: str | None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row samples. temperature 0 is greedy; top_k/top_p None means no cut."""
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0 (0 = greedy)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None for no cut")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None for no cut")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must be a list of non-empty strings")
+
+
+class TextStream:
+    """A row's display text, released incrementally and safely.
+
+    UTF-8 characters split across tokens are held until complete; text that could still become a
+    stop string is held until it can't; at a stop string the text is cut (the stop string itself
+    is not shown, as in the OpenAI API) and `stopped` turns True. Stops are matched on the decoded
+    text, so they behave exactly as they read.
+    """
+
+    def __init__(self, pieces: Sequence[bytes], stop: Sequence[str] = ()):
+        self._pieces, self._stops = pieces, list(stop)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""  # decoded so far (the decoder keeps an unfinished character to itself)
+        self._released = 0  # characters handed out by take()
+        self._taken = 0
+        self.stopped = False
+
+    def push(self, token: int) -> None:
+        if not self.stopped and self._pieces[token]:
+            self._add(self._decoder.decode(self._pieces[token]))
+
+    def finish(self) -> None:
+        """The row ended: release everything still held back."""
+        if not self.stopped:
+            self._add(self._decoder.decode(b"", final=True))
+            self._released = len(self._text)
+
+    def _add(self, new: str) -> None:
+        start = len(self._text)
+        self._text += new
+        # Only a stop string overlapping the new text can be new.
+        found = [self._text.find(s, max(0, start - len(s) + 1)) for s in self._stops]
+        cut = min((i for i in found if i >= 0), default=-1)
+        if cut >= 0:
+            self._text, self._released, self.stopped = self._text[:cut], cut, True
+        else:
+            self._released = len(self._text) - self._held_back()
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        text, best = self._text, 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def take(self) -> str:
+        """Text released since the last take()."""
+        upto = max(self._released, self._taken)
+        text, self._taken = self._text[self._taken:upto], upto
+        return text
+
+
+@dataclass
+class Row:
+    """One sequence being generated: its prompt, its settings, what it produced so far."""
+    key: Any
+    prompt: list[int]
+    sampling: Sampling
+    text: TextStream
+    rng: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    finish: str | None = None
+    pending: deque = field(default_factory=deque)  # tool output waiting to be forced in
+    tool_call: list[int] | None = None  # tokens since python_start, while inside a call
+    cached: int = 0  # tokens of this row held in the KV cache
+    next_input: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.sampling.max_tokens - len(self.tokens)
+
+
+class DecodeBatch:
+    """Rows decoding together on one KV cache; see the module docstring."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, tool: Callable[[str], str] | None = calculate):
+        self.model, self.tokenizer, self.tool = model, tokenizer, tool
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        sid = tokenizer.special_id
+        self._stop_ids = {sid(name) for name in STOP_TOKENS}
+        self._python_start, self._python_end = sid("python_start"), sid("python_end")
+        self._output_start, self._output_end = sid("output_start"), sid("output_end")
+        self._device = model.lm_head.weight.device
+
+    @property
+    def live(self) -> int:
+        return sum(r.finish is None for r in self.rows)
+
+    def fits(self, rows: Sequence[Row]) -> bool:
+        """Whether admitting `rows` keeps the rebuilt cache within the model's positions."""
+        running = [r for r in self.rows if r.finish is None] + list(rows)
+        return self._cache_len(running)[1] <= self.model.max_positions
+
+    @staticmethod
+    def _cache_len(rows: Sequence[Row]) -> tuple[int, int]:
+        """(slot where the next step writes, cache length that lets every row run to max_tokens)."""
+        aligned = max(r.cached for r in rows)
+        return aligned, aligned + max(r.remaining for r in rows)
+
+    @torch.inference_mode()
+    def admit(self, new_rows: Sequence[Row]) -> None:
+        """Prefill the new rows' prompts and rebuild the cache holding them and the running rows."""
+        prefill, source = self._prefill(new_rows)
+        running = [r for r in self.rows if r.finish is None]
+        rows = running + list(new_rows)
+        if not rows:
+            self.rows, self.cache = [], None
+            return
+        aligned, length = self._cache_len(rows)
+        cache = self.model.make_kv_cache(len(rows), length, dtype=self.cache.dtype if self.cache else None)
+        cache.set_left_padding([aligned - r.cached for r in rows])
+        # Copy each row's cached span so that it ends at slot `aligned`, where the next step writes.
+        copies = [(self.cache, i, self.cache.pos) for i, r in enumerate(self.rows) if r.finish is None]
+        copies += [(prefill, source.get(tuple(r.prompt[:-1])), prefill.pos if prefill else 0) for r in new_rows]
+        for dst, (r, (src, i, end)) in enumerate(zip(rows, copies)):
+            if r.cached:
+                for src_t, dst_t in ((src.k, cache.k), (src.v, cache.v)):
+                    dst_t[:, dst, :, aligned - r.cached:aligned] = src_t[:, i, :, end - r.cached:end]
+        cache.advance(aligned)
+        self.rows, self.cache = rows, cache
+        self._sampling_tensors()
+
+    def _prefill(self, rows: Sequence[Row]) -> tuple[KVCache | None, dict[tuple, int]]:
+        """Run every distinct prompt (minus its last token) once, left-padded into one batch."""
+        source: dict[tuple, int] = {}
+        for r in rows:
+            if r.cached:
+                source.setdefault(tuple(r.prompt[:-1]), len(source))
+        if not source:
+            return None, source
+        width = max(len(p) for p in source)
+        ids = torch.zeros(len(source), width, dtype=torch.long)
+        for p, i in source.items():
+            ids[i, width - len(p):] = torch.tensor(p)
+        cache = self.model.make_kv_cache(len(source), width)
+        cache.set_left_padding([width - len(p) for p in source])
+        self.model(ids.to(self._device), kv_cache=cache)
+        return cache, source
+
+    def _sampling_tensors(self) -> None:
+        s = [r.sampling for r in self.rows]
+        self._greedy = all(x.temperature == 0 for x in s)
+        self._temps = torch.tensor([x.temperature or 1.0 for x in s], device=self._device)[:, None]
+        self._is_greedy = torch.tensor([x.temperature == 0 for x in s], device=self._device)
+        self._any_greedy = bool(self._is_greedy.any())
+        self._top_k = [x.top_k for x in s] if any(x.top_k for x in s) else None
+        self._top_p = (torch.tensor([x.top_p or 1.0 for x in s], device=self._device)[:, None]
+                       if any(x.top_p is not None and x.top_p < 1 for x in s) else None)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int, bool]]:
+        """One token for every running row: (row, token, forced) in row order."""
+        ids = torch.tensor([[r.next_input] for r in self.rows], device=self._device)
+        logits = self.model(ids, kv_cache=self.cache)[:, -1, :]
+        sampled = self._sample(logits).tolist()
+        events = []
+        for r, token in zip(self.rows, sampled):
+            if r.finish is not None:
+                continue
+            r.cached += 1
+            forced = bool(r.pending)
+            if forced:
+                token = r.pending.popleft()
+            self._append(r, token, forced)
+            events.append((r, token, forced))
+        if 2 * self.live <= len(self.rows) and self.live < len(self.rows):  # half are finished: drop them
+            self.admit([])
+        return events
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) next tokens: argmax for greedy rows, else temperature / top-k / top-p sampling."""
+        if self._greedy:
+            return logits.argmax(dim=-1)
+        x = logits / self._temps
+        if self._top_k is not None:
+            k = torch.tensor([min(k or 0, x.size(1)) for k in self._top_k], device=x.device)
+            kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
+            x = x.masked_fill((x < kth) & (k[:, None] > 0), float("-inf"))  # k = 0: this row has no cut
+        if self._top_p is not None:
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            probs = sorted_x.softmax(dim=-1)
+            drop = probs.cumsum(dim=-1) - probs > self._top_p  # keep the smallest set reaching top_p
+            x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        # Inverse-CDF sampling: one uniform number per row, where torch.multinomial would draw one per
+        # vocabulary entry (~20x slower at 32k tokens). A token of probability 0 is never picked.
+        cdf = x.softmax(dim=-1).cumsum_(dim=-1)
+        u = torch.rand(len(self.rows), 1, device=x.device)
+        for i, r in enumerate(self.rows):
+            if r.rng is not None:  # a seeded row draws from its own generator
+                u[i] = torch.rand(1, generator=r.rng, device=x.device)
+        total = cdf[:, -1:]
+        u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # strictly below the total
+        out = torch.searchsorted(cdf, u, right=True)[:, 0]
+        if self._any_greedy:
+            out = torch.where(self._is_greedy, logits.argmax(dim=-1), out)
+        return out
+
+    def _append(self, r: Row, token: int, forced: bool) -> None:
+        r.tokens.append(token)
+        r.forced.append(forced)
+        r.next_input = token
+        r.text.push(token)
+        if token in self._stop_ids and not forced:
+            r.finish = "stop"
+        elif token == self._python_start:
+            r.tool_call = []
+        elif token == self._python_end and r.tool_call is not None:
+            expr, r.tool_call = self.tokenizer.decode(r.tool_call), None
+            if self.tool is not None:
+                result = self.tokenizer.encode(self.tool(expr))
+                r.pending.extend([self._output_start, *result, self._output_end])
+        elif r.tool_call is not None:
+            r.tool_call.append(token)
+        if r.finish is None and r.text.stopped:
+            r.finish = "stop"
+        elif r.finish is None and r.remaining <= 0:
+            r.finish = "length"
+        if r.finish is not None:
+            r.text.finish()
+
+
+class Generator:
+    """Sampling from a GPT with its tokenizer: streaming, batched, with the calculator tool.
+
+    max_rows caps how many rows decode at once (memory); more rows wait and join as others finish.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, tool: Callable[[str], str] | None = calculate,
+                 max_rows: int | None = None):
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the model has {model.config.vocab_size} token ids but the tokenizer "
+                             f"{tokenizer.vocab_size}: load both from the same artifact")
+        self.model, self.tokenizer, self.tool, self.max_rows = model, tokenizer, tool, max_rows
+        self.context = model.config.sequence_len
+        self.pieces = self._display_pieces(tokenizer, model.config.vocab_size)
+
+    @staticmethod
+    def _display_pieces(tokenizer: Tokenizer, model_vocab: int) -> list[bytes]:
+        """Display bytes of every id the model can sample (ids past the tokenizer's, padding, show nothing)."""
+        pieces = [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)]
+        pieces += [b""] * (model_vocab - tokenizer.vocab_size)
+        specials = {tokenizer.special_id(name) for name in
+                    ("bos", "user_start", "user_end", "assistant_start", "assistant_end")}
+        for i in specials:
+            pieces[i] = b""
+        for name, shown in TOOL_DISPLAY.items():
+            pieces[tokenizer.special_id(name)] = shown
+        return pieces
+
+    def check_prompt(self, prompt: Sequence[int], max_tokens: int) -> None:
+        """Raise ValueError unless `prompt` is a non-empty list of valid ids that fits with max_tokens."""
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not prompt:
+            raise ValueError(f"a prompt must be a non-empty list of token ids, got {str(prompt)[:60]!r}")
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise ValueError(f"prompt has invalid token ids {bad[:5]}; ids lie in [0, {self.tokenizer.vocab_size})")
+        if len(prompt) + max_tokens > self.context:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={max_tokens} = "
+                             f"{len(prompt) + max_tokens} exceeds the model's context of {self.context} tokens; "
+                             f"shorten the prompt or ask for at most {max(self.context - len(prompt), 0)} tokens")
+
+    def new_row(self, key: Any, prompt: Sequence[int], sampling: Sampling, seed: int | None = None) -> Row:
+        """A validated row, ready to be admitted to a DecodeBatch."""
+        self.check_prompt(prompt, sampling.max_tokens)
+        rng = None
+        if seed is not None:
+            rng = torch.Generator(device=self.model.lm_head.weight.device).manual_seed(int(seed))
+        return Row(key, list(prompt), sampling, TextStream(self.pieces, sampling.stop), rng,
+                   cached=len(prompt) - 1, next_input=prompt[-1])
+
+    def new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.model, self.tokenizer, self.tool)
+
+    def generate(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: Sequence[str] | None = None) -> Iterator[list[Token]]:
+        """Stream generation: yields, once per step, a list with the new Token of every running row.
+
+        Row r = prompt index * num_samples + sample index. With a seed, row r samples from its own
+        torch.Generator seeded with seed + r, so the same call gives the same samples. Arguments are
+        checked here, before the first step (ValueError).
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of prompts, each a list of token ids")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+        if isinstance(prompts[0], int):
+            raise ValueError("prompts must be a list of prompts (list of lists of ids); wrap a single prompt: [ids]")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        sampling = Sampling(max_tokens, temperature, top_k, top_p, stop)
+        rows = [self.new_row(i * num_samples + j, p, sampling, None if seed is None else seed + i * num_samples + j)
+                for i, p in enumerate(prompts) for j in range(num_samples)]
+        return self._run(rows)
+
+    def _run(self, rows: list[Row]) -> Iterator[list[Token]]:
+        waiting, batch = deque(rows), self.new_batch()
+        cap = self.max_rows or len(rows)
+        while waiting or batch.live:
+            if waiting and batch.live < cap:
+                batch.admit([waiting.popleft() for _ in range(min(cap - batch.live, len(waiting)))])
+            yield [Token(r.key, t, f, r.finish) for r, t, f in batch.step()]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1,
+                       **kwargs) -> list[tuple[list[int], list[bool]]]:
+        """All completions at once: per row (order as in generate), the generated ids (no prompt; a final
+        assistant_end/bos is included when the row stopped on it) and the forced mask (True = the tool
+        wrote it, not the model)."""
+        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in range(len(prompts) * num_samples)]
+        for step in self.generate(prompts, num_samples, **kwargs):
+            for t in step:
+                out[t.row][0].append(t.token)
+                out[t.row][1].append(t.forced)
+        return out
+
+    def to_parts(self, tokens: Sequence[int]) -> list[dict[str, str]]:
+        """An assistant turn's tokens as conversation parts (text / python / python_output), so a
+        multi-turn chat re-renders its tool calls exactly; stops at assistant_end or bos."""
+        sid = self.tokenizer.special_id
+        kinds = {sid("python_start"): "python", sid("output_start"): "python_output"}
+        ends = {sid("python_end"), sid("output_end")}
+        stops = {sid(name) for name in STOP_TOKENS}
+        parts: list[tuple[str, list[int]]] = [("text", [])]
+        for t in tokens:
+            if t in stops:
+                break
+            if t in kinds or t in ends:
+                parts.append((kinds.get(t, "text"), []))
+            else:
+                parts[-1][1].append(t)
+        return [{"type": kind, "text": self.tokenizer.decode(ids)} for kind, ids in parts
+                if ids or kind != "text"]
+
+    def complete(self, prompt: str | Sequence[int], max_tokens: int = 64, **kwargs) -> str:
+        """Display text of one completion; a str prompt is encoded after a bos token."""
+        ids = self.tokenizer.encode(prompt, prepend_bos=True) if isinstance(prompt, str) else list(prompt)
+        (tokens, _), = self.generate_batch([ids], max_tokens=max_tokens, **kwargs)
+        stop = kwargs.get("stop") or ()
+        text = TextStream(self.pieces, (stop,) if isinstance(stop, str) else tuple(stop))
+        for t in tokens:
+            text.push(t)
+        text.finish()
+        return text.take()

@@ -1,0 +1,222 @@
+"""python -m llm.serve source=sft port=8000: an OpenAI-compatible chat API and a chat page, on LitServe.
+
+    POST /v1/chat/completions   OpenAI chat completions, streaming (SSE) or not: temperature, top_p,
+                                max_tokens / max_completion_tokens, seed, stop, n (+ top_k, ours)
+    GET  /v1/models             the one model served          GET /health   200 "ok" once loaded
+    GET  /                      the chat page (llm/web/index.html)
+
+Two processes do the work (LitServe's layout). The API process validates a request completely —
+roles, sizes, context, limits, API key — and answers 4xx with an OpenAI-style JSON error before
+anything reaches the model, so a bad request can never disturb the others. The inference worker
+runs ContinuousBatching: requests join the running DecodeBatch between steps (waiting at most
+batch_timeout for company), every step streams each row's new text, and a finished row answers at
+once while the others keep going.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from queue import Empty
+
+import hydra
+import litserve as ls
+from fastapi import Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
+from litserve.loops.base import _SENTINEL_VALUE, LitLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
+from omegaconf import DictConfig
+
+from llm.checkpoint import load_artifact, read_meta, resolve_artifact
+from llm.config import absolute
+from llm.engine import Generator
+from llm.openai_api import (ChatSpec, Limits, api_error, check_api_key, http_error, pickleable,
+                            validation_error)
+
+logger = logging.getLogger(__name__)
+PAGE = Path(__file__).parent / "web" / "index.html"
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe can bind
+
+
+class ChatAPI(ls.LitAPI):
+    """Loads the artifact in the inference worker; ContinuousBatching does the rest."""
+
+    def __init__(self, folder: Path, spec: ChatSpec, max_batch_size: int, batch_timeout: float, device: str,
+                 api_key: str | None = None):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec,
+                         loop=ContinuousBatching())
+        self.folder, self.device_name, self.api_key = folder, device, api_key
+
+    def authorize(self, request: Request, authorization: str | None = Header(None)) -> None:
+        """LitServe runs this before every route (and before the body is validated): the API under
+        /v1/ needs the key, the page and /health don't (a browser or a load balancer has none)."""
+        if request.url.path.startswith("/v1/"):
+            check_api_key(self.api_key, authorization)
+
+    def setup(self, device) -> None:
+        model, tokenizer, _ = load_artifact(self.folder, device=self.device_name)
+        self.generator = Generator(model, tokenizer)
+
+    def predict(self, x):  # the loop drives the Generator directly; nothing calls this
+        raise NotImplementedError("ChatAPI is driven by ContinuousBatching")
+
+
+class ContinuousBatching(LitLoop):
+    """The inference worker's loop: admit waiting requests between steps, step, stream each row."""
+
+    def __call__(self, lit_api: ChatAPI, device, worker_id, request_queue, transport, workers_setup_status,
+                 callback_runner) -> None:
+        gen, self.transport = lit_api.generator, transport
+        batch = gen.new_batch()
+        waiting: deque = deque()  # (arrival, response_queue_id, uid, job)
+        while True:
+            idle = batch.live == 0 and not waiting
+            if not self._pull(request_queue, waiting, block=idle, batch_timeout=lit_api.batch_timeout):
+                return  # shutdown
+            self._expire(waiting, lit_api.request_timeout)
+            if waiting and self._should_admit(batch, waiting, lit_api):
+                self._admit(gen, batch, waiting, lit_api.max_batch_size)
+            if batch.live:
+                try:
+                    events = batch.step()
+                except Exception as e:  # a broken step fails its rows, never the worker
+                    logger.exception("decode step failed")
+                    for r in batch.rows:
+                        if r.finish is None:
+                            self._send_error(r.key, e)
+                    batch = gen.new_batch()
+                    continue
+                for row, _, _ in events:
+                    self._send(row)
+
+    def _pull(self, request_queue, waiting: deque, block: bool, batch_timeout: float) -> bool:
+        """Move requests from the queue to `waiting`; when idle, block for one and gather more for
+        batch_timeout seconds. False when the shutdown sentinel arrives."""
+        deadline = None
+        while True:
+            try:
+                if block and not waiting:
+                    item = request_queue.get(timeout=1.0)
+                elif deadline is not None and time.monotonic() < deadline:
+                    item = request_queue.get(timeout=max(deadline - time.monotonic(), 1e-3))
+                else:
+                    item = request_queue.get_nowait()
+            except Empty:
+                if block and not waiting:
+                    continue
+                return True
+            if item == _SENTINEL_VALUE:
+                return False
+            response_queue_id, uid, timestamp, job = item
+            waiting.append((timestamp, response_queue_id, uid, job))
+            if block and deadline is None:
+                deadline = time.monotonic() + batch_timeout
+
+    def _expire(self, waiting: deque, timeout) -> None:
+        if timeout in (None, False, -1):
+            return
+        while waiting and time.monotonic() - waiting[0][0] > timeout:
+            _, qid, uid, _ = waiting.popleft()
+            self._put(qid, uid, pickleable(api_error(504, "request timed out waiting for the model")),
+                      LitAPIStatus.ERROR)
+
+    @staticmethod
+    def _should_admit(batch, waiting: deque, lit_api) -> bool:
+        free = lit_api.max_batch_size - batch.live
+        if free <= 0:
+            return False
+        # Joining costs a prefill and a cache rebuild: batch arrivals, but never wait past batch_timeout.
+        return batch.live == 0 or len(waiting) >= free or time.monotonic() - waiting[0][0] >= lit_api.batch_timeout
+
+    def _admit(self, gen: Generator, batch, waiting: deque, max_batch_size: int) -> None:
+        rows = []
+        while waiting and batch.live + len(rows) < max_batch_size:
+            _, qid, uid, job = waiting[0]
+            try:
+                row = gen.new_row((qid, uid), job["prompt"], job["sampling"], job["seed"])
+            except ValueError as e:  # validated by the API process already; never take the loop down
+                waiting.popleft()
+                self._put(qid, uid, pickleable(api_error(400, str(e))), LitAPIStatus.ERROR)
+                continue
+            if (rows or batch.live) and not batch.fits(rows + [row]):
+                break  # the cache would outgrow the model's positions: wait for the batch to drain
+            rows.append(row)
+            waiting.popleft()
+        if not rows:
+            return
+        try:
+            batch.admit(rows)  # on failure the batch is left as it was
+        except Exception as e:
+            logger.exception("prefill failed")
+            for r in rows:
+                self._send_error(r.key, e)
+
+    def _send(self, row) -> None:
+        text = row.text.take()
+        qid, uid = row.key
+        if row.finish is None:
+            if text:
+                self._put(qid, uid, json.dumps({"role": "assistant", "content": text}), LitAPIStatus.OK)
+            return
+        n = len(row.tokens)
+        final = {"role": "assistant", "content": text, "finish_reason": row.finish, "prompt_tokens": len(row.prompt),
+                 "completion_tokens": n, "total_tokens": len(row.prompt) + n}
+        self._put(qid, uid, json.dumps(final), LitAPIStatus.OK)
+        self._put(qid, uid, "", LitAPIStatus.FINISH_STREAMING)
+
+    def _send_error(self, key, error: Exception) -> None:
+        qid, uid = key
+        self._put(qid, uid, pickleable(api_error(500, f"generation failed: {type(error).__name__}")),
+                  LitAPIStatus.ERROR)
+
+    def _put(self, qid, uid, data, status) -> None:
+        self.put_response(self.transport, qid, uid, data, status, LoopResponseType.STREAMING)
+
+
+def build_server(cfg: DictConfig) -> ls.LitServer:
+    """The LitServer for cfg (see conf/serve.yaml); .run() it."""
+    folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
+    limits = Limits(**cfg.limits)
+    defaults = {"temperature": float(cfg.temperature), "top_k": cfg.top_k}
+    name = cfg.model_name or f"nanochat-{read_meta(folder).get('stage', folder.name)}"
+    api_key = None if cfg.api_key in (None, "") else str(cfg.api_key)
+    spec = ChatSpec(folder, limits, defaults, name)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
+    api = ChatAPI(folder, spec, int(cfg.max_batch_size), float(cfg.batch_timeout), device, api_key)
+    server = ls.LitServer(api, accelerator="cpu" if device == "cpu" else "cuda", devices=1, workers_per_device=1,
+                          timeout=float(cfg.timeout), max_payload_size=limits.max_payload_bytes)
+    # The chat page replaces LitServe's "litserve running" placeholder at "/".
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    page = PAGE.read_text()
+    server.app.add_api_route("/", lambda: HTMLResponse(page), methods=["GET"], include_in_schema=False)
+    server.app.add_exception_handler(HTTPException, http_error)
+    server.app.add_exception_handler(RequestValidationError, validation_error)
+    return server
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # LitServer shuts its workers down on Ctrl-C; do the same on SIGTERM
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    if cfg.host not in HOSTS:
+        raise ValueError(f"host={cfg.host!r}: LitServe binds one of {HOSTS} (127.0.0.1 = this machine only)")
+    server = build_server(cfg)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    print(f"serving {cfg.source} at http://{cfg.host}:{cfg.port}/ (API: /v1/chat/completions)", flush=True)
+    server.run(host=cfg.host, port=int(cfg.port), generate_client_file=False, log_level=cfg.log_level)
+
+
+if __name__ == "__main__":
+    main()

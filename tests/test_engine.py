@@ -1,0 +1,246 @@
+"""The Generator: cache correctness, batching, seeds, sampling cuts, stops and the calculator tool."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import deque
+
+import pytest
+import torch
+
+from llm.chat import ChatSession
+from llm.checkpoint import load_artifact
+from llm.engine import DecodeBatch, Generator, Sampling, TextStream
+from llm.model.gpt import GPT
+from tiny_chat import REPO, make_artifact
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return make_artifact(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module")
+def gen(artifact):
+    model, tokenizer, _ = load_artifact(artifact)
+    return Generator(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gen):
+    return gen.tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    texts = ["Hello", "The quick brown fox jumps over", "x", "Lambda expressions and the for statement"]
+    return [tokenizer.encode(t, prepend_bos=True) for t in texts]
+
+
+@torch.no_grad()
+def greedy_without_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_greedy_with_cache_equals_greedy_without(gen, prompts):
+    for prompt in prompts[:2] + [[gen.tokenizer.bos_id]]:  # and a one-token prompt (nothing to prefill)
+        (tokens, forced), = gen.generate_batch([prompt], max_tokens=16, temperature=0)
+        assert tokens == greedy_without_cache(gen.model, prompt, 16)
+        assert forced == [False] * 16
+
+
+def test_batch_of_prompts_equals_each_prompt_alone(gen, prompts):
+    together = gen.generate_batch(prompts, num_samples=2, max_tokens=20, temperature=0)
+    for i, prompt in enumerate(prompts):
+        alone, = gen.generate_batch([prompt], max_tokens=20, temperature=0)
+        assert together[2 * i] == alone and together[2 * i + 1] == alone
+
+
+def test_rows_joining_a_running_batch_equal_each_prompt_alone(gen, prompts):
+    """The server's path: rows are admitted while others run, and finished rows get compacted away."""
+    sampling = [Sampling(max_tokens=n, temperature=0) for n in (6, 20, 9, 15)]
+    rows = [gen.new_row(i, p, s) for i, (p, s) in enumerate(zip(prompts, sampling))]
+    batch = DecodeBatch(gen.model, gen.tokenizer)
+    batch.admit(rows[:2])
+    for step in range(40):
+        if step in (3, 7):  # a new row joins at steps 3 and 7
+            batch.admit([rows[2 if step == 3 else 3]])
+        if batch.live == 0:
+            break
+        batch.step()
+    assert batch.rows == [] and batch.cache is None  # everything finished and was dropped
+    for row, prompt, s in zip(rows, prompts, sampling):
+        (alone, _), = gen.generate_batch([prompt], max_tokens=s.max_tokens, temperature=0)
+        assert row.tokens == alone and row.finish == "length"
+
+
+def test_max_rows_queues_rows_without_changing_results(gen, prompts):
+    capped = Generator(gen.model, gen.tokenizer, max_rows=2)
+    assert capped.generate_batch(prompts, max_tokens=12, temperature=0) == \
+        gen.generate_batch(prompts, max_tokens=12, temperature=0)
+
+
+def test_same_seed_same_samples_and_other_seeds_differ(gen, prompts):
+    kwargs = dict(num_samples=3, max_tokens=16, temperature=1.0)
+    a = gen.generate_batch(prompts, seed=7, **kwargs)
+    assert gen.generate_batch(prompts, seed=7, **kwargs) == a
+    assert gen.generate_batch(prompts, seed=8, **kwargs) != a
+    samples = [tuple(tokens) for tokens, _ in a]
+    assert len(set(samples)) == len(samples)  # every row draws its own stream
+
+
+def test_sampling_cuts(gen, prompts):
+    greedy = gen.generate_batch(prompts, max_tokens=12, temperature=0)
+    assert gen.generate_batch(prompts, max_tokens=12, temperature=1.5, top_k=1, seed=0) == greedy
+    assert gen.generate_batch(prompts, max_tokens=12, temperature=1.5, top_p=1e-6, seed=0) == greedy
+    # mixed per-row settings in one batch: each row follows its own
+    rows = [gen.new_row(0, prompts[0], Sampling(12, temperature=0)),
+            gen.new_row(1, prompts[1], Sampling(12, temperature=2.0, top_k=1), seed=1),
+            gen.new_row(2, prompts[2], Sampling(12, temperature=2.0), seed=1)]
+    batch = DecodeBatch(gen.model, gen.tokenizer)
+    batch.admit(rows)
+    while batch.live:
+        batch.step()
+    assert rows[0].tokens == greedy[0][0] and rows[1].tokens == greedy[1][0]
+    assert rows[2].tokens != greedy[2][0]
+
+
+def test_sampler_follows_the_distribution(gen):
+    """Inverse-CDF sampling: frequencies match softmax(logits / T), top-k keeps only the k best."""
+    batch = DecodeBatch(gen.model, gen.tokenizer)
+    batch.rows = [gen.new_row(i, [1], Sampling(1, temperature=1.0)) for i in range(4000)]
+    batch._sampling_tensors()
+    logits = torch.full((4000, 8), -30.0)
+    logits[:, :3] = torch.tensor([0.0, 1.0, 2.0])
+    freq = torch.bincount(batch._sample(logits), minlength=8) / 4000
+    torch.testing.assert_close(freq[:3], torch.tensor([0.0, 1.0, 2.0]).softmax(0), atol=0.03, rtol=0)
+    assert freq[3:].sum() == 0
+    batch.rows = [gen.new_row(i, [1], Sampling(1, temperature=1.0, top_k=2)) for i in range(4000)]
+    batch._sampling_tensors()
+    freq = torch.bincount(batch._sample(logits), minlength=8) / 4000
+    assert freq[0] == 0 and abs(freq[2] - 1 / (1 + torch.e ** -1)) < 0.03
+
+
+def test_prompt_too_long_for_the_context_is_a_clear_error(gen, prompts):
+    context = gen.model.config.sequence_len
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {context} tokens"):
+        gen.generate([prompts[0]], max_tokens=context)
+    with pytest.raises(ValueError, match="non-empty list of token ids"):
+        gen.generate([[]])
+    with pytest.raises(ValueError, match="invalid token ids"):
+        gen.generate([[10**6]])
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(max_tokens=0), dict(num_samples=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gen.generate([prompts[0]], **bad)
+
+
+def test_stop_strings_cut_the_text_and_stop_the_row(gen, prompts):
+    (tokens, _), = gen.generate_batch([prompts[1]], max_tokens=30, temperature=0)
+    full = gen.complete(prompts[1], max_tokens=30, temperature=0)
+    stop = full[10:13]
+    cut = full.index(stop)
+    assert gen.complete(prompts[1], max_tokens=30, temperature=0, stop=[stop]) == full[:cut]
+    (stopped, _), = gen.generate_batch([prompts[1]], max_tokens=30, temperature=0, stop=stop)
+    assert stopped == tokens[:len(stopped)] and len(stopped) < len(tokens)
+
+
+def test_text_stream_holds_back_split_characters_and_possible_stops():
+    pieces = [b"ab", b"\xe2\x82", b"\xac", b"S", b"T", b"OP", b"x"]
+    text = TextStream(pieces, stop=["STOP"])
+    out = []
+    for t in (0, 1):
+        text.push(t)
+        out.append(text.take())
+    assert out == ["ab", ""]  # half a euro sign is held
+    text.push(2)
+    assert text.take() == "\u20ac"
+    text.push(3)
+    text.push(4)
+    assert text.take() == "" and not text.stopped  # "ST" could start "STOP"
+    text.push(6)
+    assert text.take() == "STx"  # it didn't
+    text.push(3), text.push(4), text.push(5)
+    assert text.take() == "" and text.stopped
+
+
+class ScriptedModel(GPT):
+    """A GPT whose 'choice' at each step is scripted: it plays `plan` token by token, but lets the
+    engine's forced tool output pass (it plans nothing while output_start..output_end is fed in)."""
+
+    def __init__(self, config, tokenizer, plan):
+        super().__init__(config)
+        self.plan, self.tok = deque(plan), tokenizer
+        self.in_output = False
+
+    def forward(self, idx, kv_cache=None, **kwargs):
+        logits = super().forward(idx, kv_cache=kv_cache, **kwargs)
+        fed = idx[0, -1].item()
+        sid = self.tok.special_id
+        if fed == sid("output_start"):
+            self.in_output = True
+        elif fed == sid("output_end"):
+            self.in_output = False
+        passive = self.in_output or fed == sid("python_end")
+        choice = 0 if passive or idx.size(1) > 1 or not self.plan else self.plan.popleft()
+        out = torch.full_like(logits, -100.0)
+        out[..., choice] = 100.0
+        return out
+
+
+def scripted(gen, text_before, expr, text_after):
+    tok, sid = gen.tokenizer, gen.tokenizer.special_id
+    plan = [*tok.encode(text_before), sid("python_start"), *tok.encode(expr), sid("python_end"),
+            *tok.encode(text_after), sid("assistant_end")]
+    model = ScriptedModel(gen.model.config, tok, plan)
+    return Generator(model, tok)
+
+
+@pytest.mark.parametrize("expr, result", [("48/2", "24"), ("__import__('os')", "Error: ")])
+def test_calculator_output_is_forced_and_generation_goes_on(gen, expr, result):
+    tok, sid = gen.tokenizer, gen.tokenizer.special_id
+    scripted_gen = scripted(gen, "so ", expr, " done")
+    prompt = [tok.bos_id, sid("user_start"), *tok.encode("hi"), sid("user_end"), sid("assistant_start")]
+    (tokens, forced), = scripted_gen.generate_batch([prompt], max_tokens=80, temperature=0)
+    start, end = tokens.index(sid("output_start")), tokens.index(sid("output_end"))
+    assert tokens[start - 1] == sid("python_end")
+    assert forced == [start <= i <= end for i in range(len(tokens))]  # exactly the tool output is forced
+    assert tok.decode(tokens[start + 1:end]).startswith(result)
+    assert tok.decode(tokens[end + 1:]) == " done<|assistant_end|>"  # the model kept going after the call
+    text = scripted(gen, "so ", expr, " done").complete(prompt, max_tokens=80, temperature=0)  # a fresh script
+    assert text.startswith(f"so <<{expr}={result}") and text.endswith(">> done")
+    parts = scripted_gen.to_parts(tokens)
+    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+    assert parts[1]["text"] == expr and parts[3]["text"] == " done"
+
+
+def test_streaming_yields_one_token_per_live_row_per_step(gen, prompts):
+    steps = list(gen.generate(prompts[:2], num_samples=2, max_tokens=5, temperature=0))
+    assert len(steps) == 5
+    assert all([t.row for t in step] == [0, 1, 2, 3] for step in steps)
+    assert [t.finish for t in steps[-1]] == ["length"] * 4 and all(t.finish is None for t in steps[0])
+
+
+def chat_cli(artifact, *args, stdin: str = "") -> str:
+    cmd = [sys.executable, "-m", "llm.chat", f"source={artifact}", "temperature=0", "max_tokens=12", *args]
+    # bytes, not text=True: universal newlines would turn a "\r" the model wrote into "\n"
+    done = subprocess.run(cmd, cwd=REPO, input=stdin.encode(), capture_output=True, check=True, timeout=120)
+    return done.stdout.decode()
+
+
+def test_chat_cli_answers_one_prompt_and_exits(gen, artifact):
+    expected = ChatSession(gen, dict(max_tokens=12, temperature=0)).reply("What is a list?", lambda s: None)
+    assert chat_cli(artifact, "prompt=What is a list?") == expected + "\n"
+
+
+def test_chat_cli_keeps_the_conversation_until_cleared(gen, artifact):
+    session = ChatSession(gen, dict(max_tokens=12, temperature=0))
+    first = session.reply("hello", lambda s: None)
+    second = session.reply("and then?", lambda s: None)
+    assert second != first  # the history changed the prompt
+    out = chat_cli(artifact, stdin="hello\nand then?\nclear\nhello\nquit\n")
+    answers = [part.split("\n\nYou: ")[0] for part in out.split("Assistant: ")[1:]]
+    assert answers == [first, second, first] and "(new conversation)" in out
