@@ -1,0 +1,215 @@
+"""The report card: every stage's numbers in one markdown page, like nanochat's report.md.
+
+Reads what the pipeline left in the artifacts folder and nothing else:
+
+    tokenizer/compression.json      bytes per token on held-out text (python -m llm.train_tokenizer)
+    <stage>/metrics.json            training numbers (python -m llm.train) and an "eval" section
+                                    (python -m llm.eval); tensorboard_dir points at the loss curves
+
+A stage that was not run (or not evaluated) shows "—", never an error. The summary table is data:
+a Row is a label and a function from a stage's metrics.json to a cell, so a stage adds its numbers
+with one line, e.g. `ROWS.append(Row("RL reward", before_after("reward_before", "reward_after"), ("rl",)))`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from llm.checkpoint import STAGES
+from llm.evaluate.environment import environment
+from llm.evaluate.plots import plot_curves, stage_curves
+
+MISSING = "—"
+CURVE_TAGS = ("train/loss", "val/bpb", "val/loss", "val/token_accuracy")
+CHAT_TASK_NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "mmlu": "MMLU", "gsm8k": "GSM8K",
+                   "humaneval": "HumanEval", "spelling_bee": "SpellingBee"}
+
+
+def lookup(metrics: dict, path: str):
+    """metrics["a"]["b"] for path "a.b"; None when any part is missing."""
+    value = metrics
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def fmt_number(value, spec: str = ".4f") -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def fmt_duration(seconds) -> str | None:
+    if seconds is None:
+        return None
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def fmt_count(n) -> str | None:
+    if n is None:
+        return None
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def key(path: str, spec: str = ".4f") -> Callable[[dict], str | None]:
+    """A cell showing metrics[path] (dotted) with a format spec."""
+    return lambda m: fmt_number(lookup(m, path), spec)
+
+
+def before_after(before: str, after: str, spec: str = ".4f") -> Callable[[dict], str | None]:
+    """A cell "x → y" from two metrics (e.g. a reward before and after RL)."""
+    def cell(m: dict) -> str | None:
+        a, b = fmt_number(lookup(m, before), spec), fmt_number(lookup(m, after), spec)
+        return None if a is None and b is None else f"{a or MISSING} → {b or MISSING}"
+    return cell
+
+
+def chat_accuracy(task: str) -> Callable[[dict], str | None]:
+    def cell(m: dict) -> str | None:
+        result = lookup(m, f"eval.tasks.{task}")
+        return None if result is None else f"{100 * result['accuracy']:.2f}% (n={result['total']})"
+    return cell
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    value: Callable[[dict], str | None]
+    stages: tuple[str, ...] = STAGES  # the columns where the row can have a value
+
+
+ROWS: list[Row] = [
+    Row("val bpb", lambda m: fmt_number(lookup(m, "eval.val_bpb") or lookup(m, "val_bpb"))),
+    Row("CORE", key("eval.core")),
+    *[Row(name, chat_accuracy(task), ("mid", "sft", "rl")) for task, name in CHAT_TASK_NAMES.items()],
+    Row("ChatCORE", key("eval.chatcore"), ("mid", "sft", "rl")),
+    # written by the RL stage (llm.stages.rl): mean reward and GSM8K pass@1 before and after training
+    Row("RL reward (before → after)", before_after("reward_before", "reward_after"), ("rl",)),
+    Row("GSM8K pass@1 (before → after)", before_after("gsm8k_pass1_before", "gsm8k_pass1_after"), ("rl",)),
+    Row("final train loss", key("train_loss")),
+    Row("parameters", lambda m: fmt_count(lookup(m, "num_params"))),
+    Row("steps", key("steps", "d")),
+    Row("tokens seen", lambda m: fmt_count(lookup(m, "tokens"))),
+    Row("wall time", lambda m: fmt_duration(lookup(m, "wall_time_s"))),
+]
+
+
+@dataclass
+class Stage:
+    name: str
+    folder: Path
+    present: bool  # a finished artifact (config.yaml) exists
+    metrics: dict = field(default_factory=dict)
+
+
+def read_stage(artifacts: Path, name: str) -> Stage:
+    folder = artifacts / name
+    present = (folder / "config.yaml").exists()
+    path = folder / "metrics.json"
+    metrics = json.loads(path.read_text()) if present and path.exists() else {}
+    return Stage(name, folder, present, metrics)
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def summary_table(stages: Sequence[Stage]) -> str:
+    header = "| metric | " + " | ".join(s.name if s.present else f"{s.name} (missing)" for s in stages) + " |"
+    lines = [header, "|---|" + "---:|" * len(stages)]
+    for row in ROWS:
+        cells = [(row.value(s.metrics) if s.present and s.name in row.stages else None) or MISSING for s in stages]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    total = sum(s.metrics.get("wall_time_s") or 0 for s in stages)
+    lines.append(f"\nTotal training wall time: {fmt_duration(total)}")
+    return "\n".join(lines)
+
+
+def tokenizer_section(compression: dict | None) -> str:
+    if compression is None:
+        return f"{MISSING} (no tokenizer/compression.json: run `python -m llm.train_tokenizer`)"
+    lines = [f"Vocabulary: {compression['vocab_size']} tokens, trained in {compression.get('train_seconds', '?')}s.",
+             "", "| held-out text | bytes per token |", "|---|---:|"]
+    lines += [f"| {name} | {ratio:.3f} |" for name, ratio in compression["bytes_per_token"].items()]
+    return "\n".join(lines)
+
+
+def results_table(results: dict) -> str:
+    lines = ["| task | n | accuracy | centered |", "|---|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['total']} | {100 * r['accuracy']:.2f}% | {r['centered']:.4f} |")
+    return "\n".join(lines)
+
+
+def curves_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence[str]) -> str:
+    logs = stage.metrics.get("tensorboard_dir")
+    if not logs or not Path(logs).exists():
+        return f"Loss curves: {MISSING} (no TensorBoard logs{f' at {logs}' if logs else ''})"
+    curves = stage_curves(logs, tags)
+    if not curves:
+        return f"Loss curves: {MISSING} (the logs at {logs} hold none of {list(tags)})"
+    png = plot_curves(curves, out_dir / f"{stage.name}_curves.png", f"{stage.name} stage")
+    return f"![{stage.name} curves]({png.relative_to(report_dir).as_posix()})"
+
+
+def stage_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence[str]) -> str:
+    if not stage.present:
+        return f"## {stage.name}\n\nMissing: no artifact at {stage.folder} (run `python -m llm.train stage={stage.name}`)."
+    lines = [f"## {stage.name}", ""]
+    scalars = {k: v for k, v in stage.metrics.items() if isinstance(v, (int, float, str)) and k != "tensorboard_dir"}
+    if scalars:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt_number(v, '.4g') if isinstance(v, float) else v} |" for k, v in scalars.items()]
+        lines.append("")
+    ev = stage.metrics.get("eval") or {}
+    if ev.get("core_tasks"):
+        lines += [f"CORE {ev['core']:.4f} over {len(ev['core_tasks'])} tasks:", "", results_table(ev["core_tasks"]), ""]
+    if ev.get("tasks"):
+        lines += [f"ChatCORE {ev['chatcore']:.4f} over {len(ev['tasks'])} tasks:", "", results_table(ev["tasks"]), ""]
+    if not ev:
+        lines += [f"Not evaluated (run `python -m llm.eval source={stage.name}`).", ""]
+    lines.append(curves_section(stage, out_dir, report_dir, tags))
+    return "\n".join(lines)
+
+
+def render_report(artifacts: str | Path, out: str | Path, stages: Sequence[str] = STAGES,
+                  curve_tags: Sequence[str] = CURVE_TAGS) -> str:
+    """The report's markdown; curve PNGs are written to <out's folder>/report/."""
+    artifacts, out = Path(artifacts), Path(out)
+    figures = out.parent / "report"
+    read = [read_stage(artifacts, name) for name in stages]
+    env = environment()
+    parts = [
+        "# nanochat-lightning report card",
+        f"\nGenerated {datetime.now().isoformat(timespec='seconds')} from {artifacts}\n",
+        "## Summary\n", summary_table(read),
+        "\n## Tokenizer\n", tokenizer_section(read_json(artifacts / "tokenizer" / "compression.json")),
+        "\n## Environment\n", "\n".join(f"- {k}: {v}" for k, v in env.items()), "",
+        *[stage_section(s, figures, out.parent, curve_tags) + "\n" for s in read],
+    ]
+    return "\n".join(parts)
+
+
+def write_report(artifacts: str | Path, out: str | Path, stages: Sequence[str] = STAGES,
+                 curve_tags: Sequence[str] = CURVE_TAGS) -> Path:
+    from llm.checkpoint import atomic_path
+
+    text = render_report(artifacts, out, stages, curve_tags)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return Path(out)

@@ -1,0 +1,172 @@
+"""An evaluation run: named tasks in, results (and the table that shows them) out.
+
+    "bpb"        validation bits per byte on the held-out documents     (llm.evaluate.heldout)
+    "core"       the CORE tasks of an eval bundle                        (llm.evaluate.core)
+    any categorical task of llm.tasks (arc_easy, arc_challenge, mmlu)    (llm.evaluate.categorical)
+    any generative task of llm.tasks (gsm8k, humaneval, spelling_bee...) (llm.evaluate.generative)
+
+The same code serves `python -m llm.eval` (one process per rank, under Lightning Fabric) and the
+notebook (one process). Every rank calls run_suite with its Shard; the results are the same on all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from llm.data.sources import TextSource, iter_texts
+from llm.evaluate.categorical import evaluate_categorical
+from llm.evaluate.core import evaluate_core, load_bundle
+from llm.evaluate.generative import BatchGenerator, GenerationSettings, SandboxSettings, evaluate_generative
+from llm.evaluate.heldout import BpbResult, evaluate_bpb, heldout_rows
+from llm.evaluate.results import TaskResult, mean_centered
+from llm.evaluate.sharding import Shard
+from llm.tasks import TASKS, HubUnavailableError, build_task
+from llm.tasks.base import Task
+from llm.tokenizer import Tokenizer
+
+BASE_TASKS = ("bpb", "core")
+CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
+
+
+def default_tasks(stage: str) -> list[str]:
+    """nanochat's report card: bpb + CORE for a base model, the chat tasks after mid/sft/rl."""
+    return list(BASE_TASKS if stage == "base" else CHAT_TASKS)
+
+
+@dataclass(frozen=True)
+class HeldoutSettings:
+    source: TextSource = field(default_factory=TextSource)
+    val_docs: int = 100
+    max_tokens: int | None = 65536
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    bundle: str | None = None  # folder of a DCLM/nanochat eval bundle
+    tasks: list[str] | None = None  # labels to run (None: all the bundle has)
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    tasks: list[str]
+    max_per_task: int | None = None  # first N examples of every task (None or <= 0: all)
+    batch_size: int = 8
+    generation: GenerationSettings = GenerationSettings()
+    sandbox: SandboxSettings = SandboxSettings()
+    heldout: HeldoutSettings = HeldoutSettings()
+    core: CoreSettings = CoreSettings()
+    task_options: dict[str, dict] = field(default_factory=dict)  # build_task kwargs per task (split, source...)
+
+    def __post_init__(self):
+        known = set(BASE_TASKS) | set(TASKS)
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"unknown evaluation tasks {unknown}; valid: {sorted(known)}")
+        for name in self.tasks:  # refuse train-only tasks before loading their data (known for task classes)
+            if name in TASKS and getattr(TASKS[name], "eval_type", "") is None:
+                raise _not_evaluable(name)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class SuiteResults:
+    tasks: dict[str, TaskResult] = field(default_factory=dict)  # chat tasks
+    core: dict[str, TaskResult] = field(default_factory=dict)  # CORE tasks by label
+    bpb: BpbResult | None = None
+
+    @property
+    def chatcore(self) -> float | None:
+        return mean_centered(self.tasks)
+
+    @property
+    def core_metric(self) -> float | None:
+        return mean_centered(self.core)
+
+    def to_eval_section(self, max_per_task: int | None = None) -> dict:
+        """This run's results in metrics.json's eval layout (llm.evaluate.record)."""
+        section: dict = {}
+        if self.tasks:
+            section["tasks"] = {k: {**r.to_dict(), "max_per_task": max_per_task} for k, r in self.tasks.items()}
+        if self.core:
+            section["core_tasks"] = {k: {**r.to_dict(), "max_per_task": max_per_task} for k, r in self.core.items()}
+        if self.bpb is not None:
+            section.update(self.bpb.to_dict())
+        return section
+
+    def table(self) -> str:
+        """A markdown table of every score, with CORE / ChatCORE / val bpb rows."""
+        lines = ["| task | kind | n | accuracy | centered |", "|---|---|---:|---:|---:|"]
+        for r in [*self.core.values(), *self.tasks.values()]:
+            lines.append(f"| {r.task} | {r.kind} | {r.total} | {_pct(r.accuracy)} | {_num(r.centered)} |")
+        if self.core:
+            lines.append(f"| **CORE** | mean of {len(self.core)} |  |  | {_num(self.core_metric)} |")
+        if self.tasks:
+            lines.append(f"| **ChatCORE** | mean of {len(self.tasks)} |  |  | {_num(self.chatcore)} |")
+        if self.bpb is not None:
+            lines.append(f"| **val bpb** | {self.bpb.tokens} tokens |  |  | {self.bpb.bpb:.4f} |")
+        return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.2f}%"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
+def _not_evaluable(name: str) -> ValueError:
+    return ValueError(f"task {name!r} cannot be evaluated (it has no right answers); evaluate tasks that do, "
+                      f"e.g. {', '.join(CHAT_TASKS)}, spelling_bee, arithmetic")
+
+
+def load_chat_task(name: str, options: dict | None = None, max_per_task: int | None = None) -> Task:
+    """The task's test split (or options["split"]), cut to its first max_per_task examples.
+
+    Hub-backed tasks (ARC, MMLU) need the hub or local files; offline the error names both options.
+    """
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    split = options.pop("split", "test")
+    try:
+        task = build_task(name, split, **options)
+    except HubUnavailableError as err:
+        raise HubUnavailableError(
+            f"evaluation task {name!r} could not load its data: {err}\nFrom `python -m llm.eval`, point it at local "
+            f"files in the dataset's schema with task_options.{name}.data_files=<file.parquet|jsonl>, or use the "
+            f"small fixture shipped with the package: task_options.{name}.source=fixture") from err
+    if task.eval_type is None:
+        raise _not_evaluable(name)
+    return task[:max_per_task] if max_per_task and max_per_task > 0 else task
+
+
+def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, shard: Shard = Shard(),
+              generator: BatchGenerator | None = None, progress: bool = True) -> SuiteResults:
+    """Evaluate every task of settings.tasks (in order) on this rank's share; same results on all ranks."""
+    results = SuiteResults()
+    for name in settings.tasks:
+        if name == "bpb":
+            h = settings.heldout
+            rows = heldout_rows(tokenizer, iter_texts(h.source, 0, h.val_docs), model.config.sequence_len + 1,
+                                h.max_tokens)
+            results.bpb = evaluate_bpb(model, tokenizer, rows, settings.batch_size, shard, progress)
+        elif name == "core":
+            if not settings.core.bundle:
+                raise FileNotFoundError("task 'core' needs an eval bundle: set core.bundle=<folder> (or LLM_EVAL_BUNDLE)")
+            tasks = load_bundle(Path(settings.core.bundle), settings.core.tasks)
+            results.core.update(evaluate_core(model, tokenizer, tasks, settings.max_per_task, shard, progress))
+        else:
+            task = load_chat_task(name, settings.task_options.get(name), settings.max_per_task)
+            if task.eval_type == "categorical":
+                results.tasks[name] = evaluate_categorical(model, tokenizer, task, settings.batch_size, shard, progress)
+            else:
+                if generator is None:
+                    from llm.engine import Generator
+                    generator = Generator(model, tokenizer)
+                results.tasks[name] = evaluate_generative(generator, tokenizer, task, settings.batch_size, shard,
+                                                          settings.generation, settings.sandbox, progress)
+    return results
