@@ -71,9 +71,9 @@ def evaluate(cfg: DictConfig) -> SuiteResults:
     folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
     model, tokenizer, meta = load_artifact(folder, device=fabric.device)
     settings = suite_settings(cfg, meta["stage"])
+    shard = Shard(fabric.global_rank, fabric.world_size, str(fabric.device))
     with fabric.autocast():
-        results = run_suite(model, tokenizer, settings, Shard(fabric.global_rank, fabric.world_size),
-                            progress=bool(cfg.progress))
+        results = run_suite(model, tokenizer, settings, shard, progress=bool(cfg.progress))
     if fabric.is_global_zero:
         seconds = time.time() - started
         print(f"\n{meta['stage']} artifact {folder}: {', '.join(settings.tasks)} "

@@ -65,10 +65,13 @@ def test_gsm8k_through_the_evaluator_with_tool_calls(tokenizer):
     def answer(c):
         return c["messages"][-1]["content"][-1]["text"].split("####")[1].strip()
 
-    off_by_one = replies_by_prompt(tokenizer, task, lambda c: f"Let me think.\n#### {int(answer(c).replace(',', '')) + 1}")
+    def number(c):
+        return int(answer(c).replace(",", ""))
+
+    off_by_one = replies_by_prompt(tokenizer, task, lambda c: f"Let me think.\n#### {number(c) + 1}")
     assert evaluate_generative(off_by_one, tokenizer, task, progress=False).correct == 0
     # model-style answers: no "####", the last number counts; a "$" and thousands commas are fine
-    chatty = replies_by_prompt(tokenizer, task, lambda c: f"So the total is ${int(answer(c).replace(',', '')):,}.")
+    chatty = replies_by_prompt(tokenizer, task, lambda c: f"So the total is ${number(c):,}.")
     assert evaluate_generative(chatty, tokenizer, task, progress=False).correct == 12
 
     def tool_then_wrong(c):  # the right number only inside the tool output, then a wrong final answer

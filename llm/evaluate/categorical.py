@@ -69,7 +69,7 @@ def evaluate_categorical(model: nn.Module, tokenizer: Tokenizer, task: Task, bat
     """Accuracy of the letter predictions on every example of `task` (this rank's share, summed over ranks)."""
     if task.eval_type != "categorical":
         raise ValueError(f"task {task.name!r} is {task.eval_type!r}, not categorical")
-    metric, letter_ids = Accuracy(), LetterIds(tokenizer)
+    metric, letter_ids = Accuracy().to(shard.device), LetterIds(tokenizer)
     for batch in shard.progress(shard.batches(len(task), batch_size), task.name, progress):
         conversations = [task[i] for i in batch]
         predictions = predict_letters(model, tokenizer, conversations, letter_ids)

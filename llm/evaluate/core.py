@@ -187,7 +187,7 @@ def task_data(task: CoreTask, max_per_task: int | None = None) -> list[dict]:
 def evaluate_core_task(model: nn.Module, tokenizer: Tokenizer, task: CoreTask, max_per_task: int | None = None,
                        shard: Shard = Shard(), progress: bool = True) -> TaskResult:
     data = task_data(task, max_per_task)
-    metric = Accuracy()
+    metric = Accuracy().to(shard.device)
     for idx in shard.progress(list(shard.items(len(data))), task.label, progress):
         metric.update([score_example(model, tokenizer, task, data, idx)])
     correct, total = metric.compute()

@@ -133,7 +133,7 @@ def evaluate_generative(generator: BatchGenerator, tokenizer: Tokenizer, task: T
     """Share of `task`'s problems solved (this rank's batches, summed over ranks). Chance is 0."""
     if task.eval_type != "generative":
         raise ValueError(f"task {task.name!r} is {task.eval_type!r}, not generative")
-    metric, check = Accuracy(), checker_for(task, sandbox)
+    metric, check = Accuracy().to(shard.device), checker_for(task, sandbox)
     context = getattr(generator, "context", None)
     for batch in shard.progress(shard.batches(len(task), batch_size), task.name, progress):
         conversations = [task[i] for i in batch]

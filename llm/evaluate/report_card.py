@@ -169,7 +169,8 @@ def curves_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence
 
 def stage_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence[str]) -> str:
     if not stage.present:
-        return f"## {stage.name}\n\nMissing: no artifact at {stage.folder} (run `python -m llm.train stage={stage.name}`)."
+        return (f"## {stage.name}\n\nMissing: no artifact at {stage.folder} "
+                f"(run `python -m llm.train stage={stage.name}`).")
     lines = [f"## {stage.name}", ""]
     scalars = {k: v for k, v in stage.metrics.items() if isinstance(v, (int, float, str)) and k != "tensorboard_dir"}
     if scalars:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 class Shard:
     rank: int = 0
     world_size: int = 1
+    device: str = "cpu"  # where the score counters live: the collective that sums them runs there (NCCL: cuda)
 
     def __post_init__(self):
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -27,7 +28,8 @@ class Shard:
     def current(cls) -> "Shard":
         """This process's place in the initialised process group (rank 0 of 1 without one)."""
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            return cls(dist.get_rank(), dist.get_world_size(), device)
         return cls()
 
     @property

@@ -156,7 +156,8 @@ def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, s
             results.bpb = evaluate_bpb(model, tokenizer, rows, settings.batch_size, shard, progress)
         elif name == "core":
             if not settings.core.bundle:
-                raise FileNotFoundError("task 'core' needs an eval bundle: set core.bundle=<folder> (or LLM_EVAL_BUNDLE)")
+                raise FileNotFoundError("task 'core' needs an eval bundle: set core.bundle=<folder> "
+                                        "(or LLM_EVAL_BUNDLE)")
             tasks = load_bundle(Path(settings.core.bundle), settings.core.tasks)
             results.core.update(evaluate_core(model, tokenizer, tasks, settings.max_per_task, shard, progress))
         else:
