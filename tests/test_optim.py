@@ -396,7 +396,7 @@ def _assert_params_close(got, want):
     for name in want:
         moved = (want[name] - make_model(seed=0).state_dict()[name]).abs().max()
         assert moved > 1e-3, f"{name} did not train"  # the comparison below must mean something
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_fsdp2_matches_single_process(distributed_results, single_process_params):

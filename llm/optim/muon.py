@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim.adamw import adamw
 
 # Quintic Newton-Schulz coefficients (Keller Jordan / nanochat): chosen to push all singular
 # values into roughly [0.7, 1.2] in 5 steps, rather than converge exactly to 1 (which is slower).
@@ -76,7 +77,11 @@ def _orthogonalise(g: Tensor, steps: int) -> Tensor:
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for groups with kind="muon" (2-D params only), AdamW for groups with kind="adamw"."""
 
-    def __init__(self, param_groups: Iterable[dict]):
+    def __init__(self, param_groups: Iterable[dict], fused: bool | None = None):
+        """fused: torch's fused AdamW kernel (default: on CUDA for plain tensors). On CPU its
+        results depend on memory alignment (vectorised body vs scalar tail), so DDP's bucketed
+        gradients would round differently from one process; the single-tensor kernel does not."""
+        self.fused = fused
         param_groups = list(param_groups)
         if not param_groups or not all(isinstance(g, dict) for g in param_groups):
             raise ValueError(
@@ -140,28 +145,24 @@ class MuonAdamW(torch.optim.Optimizer):
             p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
     def _adamw_group_step(self, group: dict) -> None:
-        # Same arithmetic, in the same order, as torch.optim.AdamW(foreach=False), so the two
-        # agree bit for bit; elementwise, so it works unchanged on local DTensor shards.
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad
+        # torch's own AdamW kernels (see __init__ for which); both are elementwise, so FSDP's
+        # local shards take the same path as whole tensors.
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             state = self.state[p]
             if not state:
                 # A float32 0-dim tensor, like torch's optimizers, so checkpoint tools treat it alike.
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            state["step"] += 1
-            step = state["step"].item()
-            if wd != 0:
-                p.mul_(1 - lr * wd)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1**step
-            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        fused = self.fused
+        if fused is None:
+            fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], foreach=False, fused=fused, amsgrad=False,
+              beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+              maximize=False)
