@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm.model.fused_loss import linear_cross_entropy
 from llm.model.kv_cache import KVCache
 
 POSITIONS = ("rope", "learned")
@@ -281,37 +282,32 @@ class GPT(nn.Module):
             x = block(x, cos_sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(norm(x)).float()
+        x = norm(x)
+        if targets is not None:
+            self._check_targets(x, targets, loss_mask, reduction)
+            if loss_mask is not None:
+                targets = targets.masked_fill(loss_mask == 0, -1)
+            if reduction != "none" or not torch.is_grad_enabled():
+                # the loss straight from the hidden states, never holding (B, T, vocab) logits
+                return linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap, reduction)
+        logits = self.lm_head(x).float()
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
-        return self._loss(logits, targets, loss_mask, reduction)
+        # per-token losses that need gradients (policy-gradient log-probs): the plain path
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1,
+                               reduction="none").view(targets.shape)
 
     @staticmethod
-    def _loss(logits, targets, loss_mask, reduction) -> torch.Tensor:
-        """Cross entropy over targets != -1 (and loss_mask != 0).
-
-        "mean" divides by the number of counted tokens (0 loss if none are counted, rather than
-        NaN); "sum" adds them; "none" gives (B, T) with 0 at excluded positions.
-        """
+    def _check_targets(x, targets, loss_mask, reduction) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-        if targets.shape != logits.shape[:-1]:
-            raise ValueError(f"targets have shape {tuple(targets.shape)}; expected {tuple(logits.shape[:-1])} like idx")
-        if loss_mask is not None:
-            if loss_mask.shape != targets.shape:
-                raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}; expected {tuple(targets.shape)} like targets")
-            targets = targets.masked_fill(loss_mask == 0, -1)
-        loss = F.cross_entropy(
-            logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none"
-        ).view(targets.shape)
-        if reduction == "none":
-            return loss
-        if reduction == "sum":
-            return loss.sum()
-        return loss.sum() / (targets != -1).sum().clamp(min=1)
+        if targets.shape != x.shape[:-1]:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}; expected {tuple(x.shape[:-1])} like idx")
+        if loss_mask is not None and loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}; expected {tuple(targets.shape)} like targets")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of (unique) parameters; exclude_embeddings drops wte and wpe (a tied lm_head too)."""

@@ -1,0 +1,65 @@
+"""The chunked output-layer cross entropy equals the plain logits path, in value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.model.fused_loss import CHUNK_ROWS, linear_cross_entropy
+
+
+def reference(h, weight, targets, softcap, reduction):
+    logits = (h @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
+    losses = losses.view(targets.shape)
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / (targets >= 0).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("softcap", [15.0, None])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_value_and_gradients_match_the_logits_path(softcap, reduction):
+    torch.manual_seed(0)
+    B, T, C, V = 3, CHUNK_ROWS // 2 + 7, 16, 101  # rows span several chunks, the last one partial
+    h = torch.randn(B, T, C, requires_grad=True)
+    weight = torch.randn(V, C, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, :5] = -1  # ignored positions
+    got = linear_cross_entropy(h, weight, targets, softcap, reduction)
+    (got * 1.7).backward()  # a non-unit upstream gradient
+    gh, gw = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    want = reference(h, weight, targets, softcap, reduction)
+    (want * 1.7).backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, weight.grad, rtol=1e-4, atol=1e-6)
+    assert gh[0, :5].abs().max() == 0  # ignored positions get no gradient
+
+
+def test_per_token_losses_without_gradients():
+    torch.manual_seed(1)
+    h, weight = torch.randn(2, 300, 8), torch.randn(50, 8)
+    targets = torch.randint(0, 50, (2, 300))
+    targets[1, -3:] = -1
+    with torch.no_grad():
+        got = linear_cross_entropy(h, weight, targets, 15.0, "none")
+    torch.testing.assert_close(got, reference(h, weight, targets, 15.0, "none"))
+    assert got.shape == (2, 300) and (got[1, -3:] == 0).all()
+
+
+def test_bf16_autocast_stays_close_and_keeps_fp32_gradients():
+    torch.manual_seed(2)
+    h = torch.randn(4, 64, 32, requires_grad=True)
+    weight = torch.randn(97, 32, requires_grad=True)
+    targets = torch.randint(0, 97, (4, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, weight, targets, 15.0, "mean")
+    got.backward()
+    assert h.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    want = reference(h.detach(), weight.detach(), targets, 15.0, "mean")
+    assert got.item() == pytest.approx(want.item(), rel=2e-2)
