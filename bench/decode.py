@@ -9,6 +9,8 @@ names the special tokens and decodes; ids past its vocabulary display as nothing
 "cache" is Generator.generate (static KV cache, one forward per token for the whole batch);
 "no cache" re-runs the whole sequence through GPT.forward for every new token, as a naive loop would.
 Each figure is the best of --repeats runs (the machine may be shared; the best is the least disturbed).
+--precision picks the weights' precision (llm.engine.for_inference): fp32, and auto = bf16-head on a
+CPU with native bfloat16 (lm_head in bfloat16, the rest float32).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import time
 import pydoc_data.topics
 import torch
 
-from llm.engine import Generator
+from llm.engine import PRECISIONS, Generator, for_inference
 from llm.model.gpt import GPT, GPTConfig
 from llm.tokenizer import Tokenizer
 
 
-def build(depth: int) -> tuple[GPT, Tokenizer]:
+CLOCK = time.perf_counter
+
+
+def build(depth: int, precision: str = "fp32") -> tuple[GPT, Tokenizer]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = Tokenizer.train(pydoc_data.topics.topics.values(), vocab_size=512, out_dir=folder,
@@ -34,7 +39,7 @@ def build(depth: int) -> tuple[GPT, Tokenizer]:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p.size(-1) ** -0.5)
-    return model.eval(), tokenizer
+    return for_inference(model, precision), tokenizer
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -45,12 +50,12 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 def with_cache(gen: Generator, batch: int, prompt: int, new: int) -> tuple[float, float]:
     """(prefill seconds, seconds per decode step) of one generate() call."""
     ps = prompts(batch, prompt, gen.tokenizer.vocab_size)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     steps = gen.generate(ps, max_tokens=new, temperature=1.0, seed=0)
     next(steps)  # the first step includes the prefill
-    t1 = time.perf_counter()
+    t1 = CLOCK()
     n = sum(1 for _ in steps)
-    t2 = time.perf_counter()
+    t2 = CLOCK()
     return t1 - t0, (t2 - t1) / n
 
 
@@ -58,11 +63,11 @@ def with_cache(gen: Generator, batch: int, prompt: int, new: int) -> tuple[float
 def without_cache(model: GPT, batch: int, prompt: int, new: int) -> float:
     """Seconds per token step when every step re-runs the whole sequence (greedy, fixed length)."""
     idx = torch.tensor(prompts(batch, prompt, 512))
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(new):
         nxt = model(idx)[:, -1].argmax(-1, keepdim=True)
         idx = torch.cat([idx, nxt], dim=1)
-    return (time.perf_counter() - t0) / new
+    return (CLOCK() - t0) / new
 
 
 def best(fn, repeats: int):
@@ -76,14 +81,25 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
+                        help="weights' precision (llm.engine.for_inference); each is benchmarked")
     parser.add_argument("--no-cache-new", type=int, default=16, help="tokens timed for the (slow) no-cache loop")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time, a steadier estimate on a busy machine (with --threads 1)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = build(args.depth)
-    gen = Generator(model, tokenizer)
     print(f"d{args.depth}, vocab 32768, prompt {args.prompt}, {args.new} new tokens, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{torch.get_num_threads()} threads, {args.clock} clock, best of {args.repeats}")
+    for precision in args.precision:
+        model, tokenizer = build(args.depth, precision)
+        print(f"precision {precision} -> {model.precision}")
+        bench(Generator(model, tokenizer), model, args)
+
+
+def bench(gen: Generator, model: GPT, args) -> None:
     with_cache(gen, 1, 16, 4)  # warm-up (allocator, kernels)
     for batch in (1, 8):
         prefill, step = best(lambda: with_cache(gen, batch, args.prompt, args.new), args.repeats)

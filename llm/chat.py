@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from llm.checkpoint import load_artifact, resolve_artifact
 from llm.config import absolute
-from llm.engine import Generator, TextStream
+from llm.engine import Generator, TextStream, for_inference
 
 
 class ChatSession:
@@ -66,7 +66,7 @@ def load_generator(cfg: DictConfig) -> Generator:
     folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_artifact(folder, device=device)
-    return Generator(model, tokenizer)
+    return Generator(for_inference(model, cfg.precision), tokenizer)
 
 
 def write_out(piece: str) -> None:

@@ -9,6 +9,9 @@ One decoding core serves the CLI, evaluation, RL rollouts and the server:
     Generator     the user-facing API: generate() streams steps, generate_batch() collects them,
                   complete() is text in, text out.
 
+Text: every row carries a TextStream (llm/text_stream.py) that turns its tokens into display text
+and detects stop strings.
+
 Rows keep the prompt's last token out of the prefill and feed it in the first step, so a new
 prompt and a running row look the same to step(): each has one `next_input` token. Finished rows
 stay in the batch (fed a dummy token) until at least half are finished; then the cache is rebuilt
@@ -23,7 +26,6 @@ forced in as output_start + text + output_end, one token per step, marked forced
 
 from __future__ import annotations
 
-import codecs
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +36,9 @@ import torch
 from llm.calculator import calculate
 from llm.model.gpt import GPT
 from llm.model.kv_cache import KVCache
+from llm.text_stream import TextStream, display_pieces
 from llm.tokenizer import Tokenizer
 
-# How special tokens look in display text: tool calls read like GSM8K's "<<48/2=24>>"; the rest vanish.
-TOOL_DISPLAY = {"python_start": b"<<", "python_end": b"=", "output_start": b"", "output_end": b">>"}
 STOP_TOKENS = ("assistant_end", "bos")
 
 
@@ -70,61 +71,6 @@ class Sampling:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None for no cut")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must be a list of non-empty strings")
-
-
-class TextStream:
-    """A row's display text, released incrementally and safely.
-
-    UTF-8 characters split across tokens are held until complete; text that could still become a
-    stop string is held until it can't; at a stop string the text is cut (the stop string itself
-    is not shown, as in the OpenAI API) and `stopped` turns True. Stops are matched on the decoded
-    text, so they behave exactly as they read.
-    """
-
-    def __init__(self, pieces: Sequence[bytes], stop: Sequence[str] = ()):
-        self._pieces, self._stops = pieces, list(stop)
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._text = ""  # decoded so far (the decoder keeps an unfinished character to itself)
-        self._released = 0  # characters handed out by take()
-        self._taken = 0
-        self.stopped = False
-
-    def push(self, token: int) -> None:
-        if not self.stopped and self._pieces[token]:
-            self._add(self._decoder.decode(self._pieces[token]))
-
-    def finish(self) -> None:
-        """The row ended: release everything still held back."""
-        if not self.stopped:
-            self._add(self._decoder.decode(b"", final=True))
-            self._released = len(self._text)
-
-    def _add(self, new: str) -> None:
-        start = len(self._text)
-        self._text += new
-        # Only a stop string overlapping the new text can be new.
-        found = [self._text.find(s, max(0, start - len(s) + 1)) for s in self._stops]
-        cut = min((i for i in found if i >= 0), default=-1)
-        if cut >= 0:
-            self._text, self._released, self.stopped = self._text[:cut], cut, True
-        else:
-            self._released = len(self._text) - self._held_back()
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is the start of some stop string."""
-        text, best = self._text, 0
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def take(self) -> str:
-        """Text released since the last take()."""
-        upto = max(self._released, self._taken)
-        text, self._taken = self._text[self._taken:upto], upto
-        return text
 
 
 @dataclass
@@ -298,6 +244,42 @@ class DecodeBatch:
             r.text.finish()
 
 
+PRECISIONS = ("auto", "fp32", "bf16-head", "bf16")
+
+
+def for_inference(model: GPT, precision: str = "auto") -> GPT:
+    """Put a model that only samples (CLI, server, benchmarks) in eval mode and the fastest precision.
+
+    fp32: weights as they are. bf16: every weight in bfloat16 (the rotary tables stay float32), so
+    activations and the KV cache are bfloat16 too. bf16-head: only an untied lm_head in bfloat16, fed
+    bfloat16 by a forward pre-hook: decoding on a CPU is bound by reading that vocab x width matrix for
+    every token (about half the step at d4), so halving its bytes pays, while the small matmuls in the
+    blocks stay fastest in float32. auto: bf16 on CUDA, bf16-head on a CPU with native bfloat16, else
+    fp32. Logits come out float32 in every case. Changes `model` in place: not for a model being trained.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    device = model.lm_head.weight.device
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16"
+        elif device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+                torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            precision = "bf16-head"
+        else:
+            precision = "fp32"
+    if precision == "bf16-head" and model.config.tie_embeddings:
+        precision = "fp32"  # the head *is* the embedding table; bfloat16 there would reach the blocks
+    if precision == "bf16":
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    elif precision == "bf16-head" and model.lm_head.weight.dtype != torch.bfloat16:
+        model.lm_head.weight.data = model.lm_head.weight.data.to(torch.bfloat16)
+        model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype),))
+    model.precision = precision
+    return model.eval()
+
+
 class Generator:
     """Sampling from a GPT with its tokenizer: streaming, batched, with the calculator tool.
 
@@ -311,20 +293,7 @@ class Generator:
                              f"{tokenizer.vocab_size}: load both from the same artifact")
         self.model, self.tokenizer, self.tool, self.max_rows = model, tokenizer, tool, max_rows
         self.context = model.config.sequence_len
-        self.pieces = self._display_pieces(tokenizer, model.config.vocab_size)
-
-    @staticmethod
-    def _display_pieces(tokenizer: Tokenizer, model_vocab: int) -> list[bytes]:
-        """Display bytes of every id the model can sample (ids past the tokenizer's, padding, show nothing)."""
-        pieces = [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)]
-        pieces += [b""] * (model_vocab - tokenizer.vocab_size)
-        specials = {tokenizer.special_id(name) for name in
-                    ("bos", "user_start", "user_end", "assistant_start", "assistant_end")}
-        for i in specials:
-            pieces[i] = b""
-        for name, shown in TOOL_DISPLAY.items():
-            pieces[tokenizer.special_id(name)] = shown
-        return pieces
+        self.pieces = display_pieces(tokenizer, model.config.vocab_size)
 
     def check_prompt(self, prompt: Sequence[int], max_tokens: int) -> None:
         """Raise ValueError unless `prompt` is a non-empty list of valid ids that fits with max_tokens."""

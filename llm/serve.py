@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from llm.checkpoint import load_artifact, read_meta, resolve_artifact
 from llm.config import absolute
-from llm.engine import Generator
+from llm.engine import PRECISIONS, Generator, for_inference
 from llm.openai_api import (ChatSpec, Limits, api_error, check_api_key, http_error, pickleable,
                             validation_error)
 
@@ -47,10 +47,10 @@ class ChatAPI(ls.LitAPI):
     """Loads the artifact in the inference worker; ContinuousBatching does the rest."""
 
     def __init__(self, folder: Path, spec: ChatSpec, max_batch_size: int, batch_timeout: float, device: str,
-                 api_key: str | None = None):
+                 precision: str = "auto", api_key: str | None = None):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec,
                          loop=ContinuousBatching())
-        self.folder, self.device_name, self.api_key = folder, device, api_key
+        self.folder, self.device_name, self.precision, self.api_key = folder, device, precision, api_key
 
     def authorize(self, request: Request, authorization: str | None = Header(None)) -> None:
         """LitServe runs this before every route (and before the body is validated): the API under
@@ -60,7 +60,7 @@ class ChatAPI(ls.LitAPI):
 
     def setup(self, device) -> None:
         model, tokenizer, _ = load_artifact(self.folder, device=self.device_name)
-        self.generator = Generator(model, tokenizer)
+        self.generator = Generator(for_inference(model, self.precision), tokenizer)
 
     def predict(self, x):  # the loop drives the Generator directly; nothing calls this
         raise NotImplementedError("ChatAPI is driven by ContinuousBatching")
@@ -187,7 +187,9 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     api_key = None if cfg.api_key in (None, "") else str(cfg.api_key)
     spec = ChatSpec(folder, limits, defaults, name)
     device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
-    api = ChatAPI(folder, spec, int(cfg.max_batch_size), float(cfg.batch_timeout), device, api_key)
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision!r} is not one of {PRECISIONS}")
+    api = ChatAPI(folder, spec, int(cfg.max_batch_size), float(cfg.batch_timeout), device, cfg.precision, api_key)
     server = ls.LitServer(api, accelerator="cpu" if device == "cpu" else "cuda", devices=1, workers_per_device=1,
                           timeout=float(cfg.timeout), max_payload_size=limits.max_payload_bytes)
     # The chat page replaces LitServe's "litserve running" placeholder at "/".

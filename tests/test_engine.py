@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import deque
@@ -11,9 +12,18 @@ import torch
 
 from llm.chat import ChatSession
 from llm.checkpoint import load_artifact
-from llm.engine import DecodeBatch, Generator, Sampling, TextStream
+from llm.engine import DecodeBatch, Generator, Sampling, TextStream, for_inference
 from llm.model.gpt import GPT
 from tiny_chat import REPO, make_artifact
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second thread only adds waiting (a lot of it on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +135,21 @@ def test_sampler_follows_the_distribution(gen):
     assert freq[0] == 0 and abs(freq[2] - 1 / (1 + torch.e ** -1)) < 0.03
 
 
+def test_bf16_head_keeps_float32_logits_close_to_fp32(artifact, gen, prompts):
+    fast, _, _ = load_artifact(artifact)
+    assert for_inference(fast, "bf16-head").lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        ids = torch.tensor([prompts[1]])
+        exact, approx = gen.model(ids), fast(ids)
+    assert approx.dtype == torch.float32 and fast.wte.weight.dtype == torch.float32
+    torch.testing.assert_close(approx, exact, atol=0.1, rtol=0.02)
+    assert not torch.equal(approx, exact)  # it did compute in bfloat16
+    (tokens, _), = Generator(fast, gen.tokenizer).generate_batch([prompts[1]], max_tokens=8, temperature=0)
+    assert len(tokens) == 8
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        for_inference(fast, "fp16")
+
+
 def test_prompt_too_long_for_the_context_is_a_clear_error(gen, prompts):
     context = gen.model.config.sequence_len
     with pytest.raises(ValueError, match=f"exceeds the model's context of {context} tokens"):
@@ -225,9 +250,11 @@ def test_streaming_yields_one_token_per_live_row_per_step(gen, prompts):
 
 
 def chat_cli(artifact, *args, stdin: str = "") -> str:
-    cmd = [sys.executable, "-m", "llm.chat", f"source={artifact}", "temperature=0", "max_tokens=12", *args]
+    cmd = [sys.executable, "-m", "llm.chat", f"source={artifact}", "temperature=0", "max_tokens=12",
+           "precision=fp32", *args]
     # bytes, not text=True: universal newlines would turn a "\r" the model wrote into "\n"
-    done = subprocess.run(cmd, cwd=REPO, input=stdin.encode(), capture_output=True, check=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, input=stdin.encode(), capture_output=True, check=True, timeout=120)
     return done.stdout.decode()
 
 
