@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from llm.calculator import calculate
 from llm.model.gpt import GPT
@@ -40,6 +42,7 @@ from llm.text_stream import TextStream, display_pieces
 from llm.tokenizer import Tokenizer
 
 STOP_TOKENS = ("assistant_end", "bos")
+PREFILL_LOGITS = 1 << 26  # float32 logits one prefill forward may produce (256 MB)
 
 
 class Token(NamedTuple):
@@ -125,7 +128,7 @@ class DecodeBatch:
     @torch.inference_mode()
     def admit(self, new_rows: Sequence[Row]) -> None:
         """Prefill the new rows' prompts and rebuild the cache holding them and the running rows."""
-        prefill, source = self._prefill(new_rows)
+        source = self._prefill(new_rows)
         running = [r for r in self.rows if r.finish is None]
         rows = running + list(new_rows)
         if not rows:
@@ -135,37 +138,45 @@ class DecodeBatch:
         cache = self.model.make_kv_cache(len(rows), length, dtype=self.cache.dtype if self.cache else None)
         cache.set_left_padding([aligned - r.cached for r in rows])
         # Copy each row's cached span so that it ends at slot `aligned`, where the next step writes.
-        copies = [(self.cache, i, self.cache.pos) for i, r in enumerate(self.rows) if r.finish is None]
-        copies += [(prefill, source.get(tuple(r.prompt[:-1])), prefill.pos if prefill else 0) for r in new_rows]
-        for dst, (r, (src, i, end)) in enumerate(zip(rows, copies)):
+        copies = [(self.cache, i) for i, r in enumerate(self.rows) if r.finish is None]
+        copies += [source.get(tuple(r.prompt[:-1]), (None, 0)) for r in new_rows]
+        for dst, (r, (src, i)) in enumerate(zip(rows, copies)):
             if r.cached:
+                end = src.pos
                 for src_t, dst_t in ((src.k, cache.k), (src.v, cache.v)):
                     dst_t[:, dst, :, aligned - r.cached:aligned] = src_t[:, i, :, end - r.cached:end]
         cache.advance(aligned)
         self.rows, self.cache = rows, cache
         self._sampling_tensors()
 
-    def _prefill(self, rows: Sequence[Row]) -> tuple[KVCache | None, dict[tuple, int]]:
-        """Run every distinct prompt (minus its last token) once, left-padded into one batch."""
-        source: dict[tuple, int] = {}
-        for r in rows:
-            if r.cached:
-                source.setdefault(tuple(r.prompt[:-1]), len(source))
-        if not source:
-            return None, source
-        width = max(len(p) for p in source)
-        ids = torch.zeros(len(source), width, dtype=torch.long)
-        for p, i in source.items():
-            ids[i, width - len(p):] = torch.tensor(p)
-        cache = self.model.make_kv_cache(len(source), width)
-        cache.set_left_padding([width - len(p) for p in source])
-        self.model(ids.to(self._device), kv_cache=cache)
-        return cache, source
+    def _prefill(self, rows: Sequence[Row]) -> dict[tuple, tuple[KVCache, int]]:
+        """Run every distinct prompt (minus its last token) once: prompt -> (its cache, row in it).
+
+        Prompts go left-padded in chunks, longest first, each chunk's (rows x width x vocab) float32
+        logits kept under PREFILL_LOGITS (the forward computes logits we don't need: without a bound a
+        big batch of long prompts would need gigabytes for them).
+        """
+        prompts = sorted({tuple(r.prompt[:-1]) for r in rows if r.cached}, key=len, reverse=True)
+        budget = max(1, PREFILL_LOGITS // self.model.config.vocab_size)
+        source: dict[tuple, tuple[KVCache, int]] = {}
+        while prompts:
+            width = len(prompts[0])
+            chunk, prompts = prompts[:max(1, budget // width)], prompts[max(1, budget // width):]
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = torch.tensor(p)
+            cache = self.model.make_kv_cache(len(chunk), width)
+            cache.set_left_padding([width - len(p) for p in chunk])
+            self.model(ids.to(self._device), kv_cache=cache)
+            source.update((p, (cache, i)) for i, p in enumerate(chunk))
+        return source
 
     def _sampling_tensors(self) -> None:
         s = [r.sampling for r in self.rows]
         self._greedy = all(x.temperature == 0 for x in s)
         self._temps = torch.tensor([x.temperature or 1.0 for x in s], device=self._device)[:, None]
+        self._unit_temps = all(x.temperature in (0, 1) for x in s)
+        self._seeded = [(i, r.rng) for i, r in enumerate(self.rows) if r.rng is not None]
         self._is_greedy = torch.tensor([x.temperature == 0 for x in s], device=self._device)
         self._any_greedy = bool(self._is_greedy.any())
         self._top_k = [x.top_k for x in s] if any(x.top_k for x in s) else None
@@ -196,7 +207,7 @@ class DecodeBatch:
         """(B,) next tokens: argmax for greedy rows, else temperature / top-k / top-p sampling."""
         if self._greedy:
             return logits.argmax(dim=-1)
-        x = logits / self._temps
+        x = logits if self._unit_temps else logits / self._temps
         if self._top_k is not None:
             k = torch.tensor([min(k or 0, x.size(1)) for k in self._top_k], device=x.device)
             kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
@@ -207,12 +218,13 @@ class DecodeBatch:
             drop = probs.cumsum(dim=-1) - probs > self._top_p  # keep the smallest set reaching top_p
             x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
         # Inverse-CDF sampling: one uniform number per row, where torch.multinomial would draw one per
-        # vocabulary entry (~20x slower at 32k tokens). A token of probability 0 is never picked.
-        cdf = x.softmax(dim=-1).cumsum_(dim=-1)
+        # vocabulary entry (~20x slower at 32k tokens). The CDF is left unnormalised (the uniform is
+        # scaled to each row's total instead). A token of probability 0 is never picked.
+        cdf = (x - x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
         u = torch.rand(len(self.rows), 1, device=x.device)
-        for i, r in enumerate(self.rows):
-            if r.rng is not None:  # a seeded row draws from its own generator
-                u[i] = torch.rand(1, generator=r.rng, device=x.device)
+        if self._seeded:  # a seeded row draws from its own generator
+            rows, rngs = zip(*self._seeded)
+            u[list(rows), 0] = torch.cat([torch.rand(1, generator=g, device=x.device) for g in rngs])
         total = cdf[:, -1:]
         u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # strictly below the total
         out = torch.searchsorted(cdf, u, right=True)[:, 0]
@@ -247,15 +259,46 @@ class DecodeBatch:
 PRECISIONS = ("auto", "fp32", "bf16-head", "bf16")
 
 
+class BF16Head(nn.Module):
+    """lm_head in bfloat16 for CPU decoding, prepacked for oneDNN when it can be.
+
+    On a CPU, decoding a small model is bound by reading the vocab x width unembedding for every token
+    (about half of a d4 step in float32). bfloat16 halves its bytes, and a weight reordered once into
+    oneDNN's blocked layout (what torch.compile's CPU "freezing" does) runs its matmul ~2x faster again
+    than a plain bfloat16 F.linear. Without oneDNN it is a plain bfloat16 F.linear. Outputs bfloat16; the
+    model casts the logits to float32.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.packed = None
+        try:  # torch.ops.mkldnn is an internal API: use it only where it exists and works
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, None)
+            probe = torch.ones(1, 1, self.weight.size(1), dtype=torch.bfloat16)
+            if torch.allclose(self._packed_linear(probe, packed).float(), F.linear(probe, self.weight).float(),
+                              rtol=1e-2, atol=1e-2):
+                self.packed = packed
+        except (AttributeError, RuntimeError):
+            pass
+
+    @staticmethod
+    def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        return F.linear(x, self.weight) if self.packed is None else self._packed_linear(x, self.packed)
+
+
 def for_inference(model: GPT, precision: str = "auto") -> GPT:
     """Put a model that only samples (CLI, server, benchmarks) in eval mode and the fastest precision.
 
     fp32: weights as they are. bf16: every weight in bfloat16 (the rotary tables stay float32), so
-    activations and the KV cache are bfloat16 too. bf16-head: only an untied lm_head in bfloat16, fed
-    bfloat16 by a forward pre-hook: decoding on a CPU is bound by reading that vocab x width matrix for
-    every token (about half the step at d4), so halving its bytes pays, while the small matmuls in the
-    blocks stay fastest in float32. auto: bf16 on CUDA, bf16-head on a CPU with native bfloat16, else
-    fp32. Logits come out float32 in every case. Changes `model` in place: not for a model being trained.
+    activations and the KV cache are bfloat16 too. bf16-head: an untied lm_head becomes a BF16Head,
+    the rest stays float32 (the small matmuls in the blocks are fastest in float32 on a CPU). auto: bf16
+    on CUDA, bf16-head on a CPU with native bfloat16, else fp32. Logits come out float32 in every case.
+    Changes `model` in place: for models loaded to sample, not for one being trained.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
@@ -268,14 +311,13 @@ def for_inference(model: GPT, precision: str = "auto") -> GPT:
             precision = "bf16-head"
         else:
             precision = "fp32"
-    if precision == "bf16-head" and model.config.tie_embeddings:
-        precision = "fp32"  # the head *is* the embedding table; bfloat16 there would reach the blocks
+    if precision == "bf16-head" and (model.config.tie_embeddings or device.type != "cpu"):
+        precision = "fp32"  # a tied head *is* the embedding table; bfloat16 there would reach the blocks
     if precision == "bf16":
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
-    elif precision == "bf16-head" and model.lm_head.weight.dtype != torch.bfloat16:
-        model.lm_head.weight.data = model.lm_head.weight.data.to(torch.bfloat16)
-        model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype),))
+    elif precision == "bf16-head" and not isinstance(model.lm_head, BF16Head):
+        model.lm_head = BF16Head(model.lm_head.weight)
     model.precision = precision
     return model.eval()
 

@@ -10,6 +10,7 @@ from collections import deque
 import pytest
 import torch
 
+from llm import engine
 from llm.chat import ChatSession
 from llm.checkpoint import load_artifact
 from llm.engine import DecodeBatch, Generator, Sampling, TextStream, for_inference
@@ -63,7 +64,10 @@ def test_greedy_with_cache_equals_greedy_without(gen, prompts):
         assert forced == [False] * 16
 
 
-def test_batch_of_prompts_equals_each_prompt_alone(gen, prompts):
+@pytest.mark.parametrize("prefill_chunks", [False, True])
+def test_batch_of_prompts_equals_each_prompt_alone(gen, prompts, prefill_chunks, monkeypatch):
+    if prefill_chunks:  # a logits budget so small that every prompt is prefilled on its own
+        monkeypatch.setattr(engine, "PREFILL_LOGITS", gen.model.config.vocab_size)
     together = gen.generate_batch(prompts, num_samples=2, max_tokens=20, temperature=0)
     for i, prompt in enumerate(prompts):
         alone, = gen.generate_batch([prompt], max_tokens=20, temperature=0)
