@@ -41,8 +41,11 @@ def finish(proc: subprocess.Popen, timeout=300) -> str:
     return out
 
 
-def test_loss_falls_on_the_bundled_corpus(tmp_path, tokenizer_dir):
-    metrics = run(compose_config("train", tiny(tmp_path, tokenizer_dir, "trainer.max_steps=30")))
+def test_loss_falls_on_the_bundled_corpus(tmp_path, tokenizer_dir, capsys):
+    metrics = run(compose_config("train", tiny(tmp_path, tokenizer_dir, "trainer.max_steps=30",
+                                               "stage.module.sample_every=15")))
+    samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[step 15]")]
+    assert len(samples) == 5 and "The capital of France is" in samples[0]  # greedy samples of the prompts
     losses = list(read_scalars(metrics["tensorboard_dir"], "train/loss").values())
     assert len(losses) == 30
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
