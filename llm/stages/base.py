@@ -63,7 +63,8 @@ class PretrainModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         multiplier = apply_schedule(optimizer, self.global_step, self.total_steps, **self.schedule,
                                     momentum=self.optimizer_config)
-        self.log("train/lr_multiplier", multiplier, rank_zero_only=True)
+        lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
+        self.log_dict({"train/lr_multiplier": multiplier, **lrs}, rank_zero_only=True)
 
     # ---- steps ----------------------------------------------------------------------------
 
