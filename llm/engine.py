@@ -114,6 +114,14 @@ class DecodeBatch:
     def live(self) -> int:
         return sum(r.finish is None for r in self.rows)
 
+    def cancel(self, key: Any) -> bool:
+        """Stop the running row with this key (its client went away); False if there is none."""
+        for r in self.rows:
+            if r.key == key and r.finish is None:
+                r.finish = "cancelled"
+                return True
+        return False
+
     def fits(self, rows: Sequence[Row]) -> bool:
         """Whether admitting `rows` keeps the rebuilt cache within the model's positions."""
         running = [r for r in self.rows if r.finish is None] + list(rows)

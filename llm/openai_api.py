@@ -182,12 +182,14 @@ class ChatSpec(OpenAISpec):
                 await merged.put((i, None, None))
 
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(pipes)]
+        ended: set[int] = set()
         try:
             open_pipes = len(pipes)
             while open_pipes:
                 i, data, status = await merged.get()
                 if status is None:
                     open_pipes -= 1
+                    ended.add(i)
                 elif status == LitAPIStatus.ERROR:
                     raise data if isinstance(data, HTTPException) else api_error(500, "generation failed")
                 else:
@@ -195,8 +197,10 @@ class ChatSpec(OpenAISpec):
         finally:
             for t in tasks:
                 t.cancel()
-            for uid in uids:
+            for i, uid in enumerate(uids):
                 self.response_buffer.pop(uid, None)
+                if i not in ended:  # the client left (or another choice failed): stop generating for it
+                    self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"cancel": True}))
 
     async def _stream(self, model, pipes, uids, include_usage: bool):
         usage = UsageInfo()

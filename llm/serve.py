@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from queue import Empty
 
 import hydra
 import litserve as ls
+import torch
 from fastapi import Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
@@ -47,10 +49,11 @@ class ChatAPI(ls.LitAPI):
     """Loads the artifact in the inference worker; ContinuousBatching does the rest."""
 
     def __init__(self, folder: Path, spec: ChatSpec, max_batch_size: int, batch_timeout: float, device: str,
-                 precision: str = "auto", api_key: str | None = None):
+                 precision: str = "auto", api_key: str | None = None, threads: int | None = None):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec,
                          loop=ContinuousBatching())
         self.folder, self.device_name, self.precision, self.api_key = folder, device, precision, api_key
+        self.threads = threads
 
     def authorize(self, request: Request, authorization: str | None = Header(None)) -> None:
         """LitServe runs this before every route (and before the body is validated): the API under
@@ -59,6 +62,8 @@ class ChatAPI(ls.LitAPI):
             check_api_key(self.api_key, authorization)
 
     def setup(self, device) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         model, tokenizer, _ = load_artifact(self.folder, device=self.device_name)
         self.generator = Generator(for_inference(model, self.precision), tokenizer)
 
@@ -78,6 +83,7 @@ class ContinuousBatching(LitLoop):
             idle = batch.live == 0 and not waiting
             if not self._pull(request_queue, waiting, block=idle, batch_timeout=lit_api.batch_timeout):
                 return  # shutdown
+            self._cancel(batch, waiting)
             self._expire(waiting, lit_api.request_timeout)
             if waiting and self._should_admit(batch, waiting, lit_api):
                 self._admit(gen, batch, waiting, lit_api.max_batch_size)
@@ -116,6 +122,18 @@ class ContinuousBatching(LitLoop):
             waiting.append((timestamp, response_queue_id, uid, job))
             if block and deadline is None:
                 deadline = time.monotonic() + batch_timeout
+
+    @staticmethod
+    def _cancel(batch, waiting: deque) -> None:
+        """Apply cancel notes (a client went away): drop the request if it waits, stop its row if it runs."""
+        notes = {(qid, uid) for _, qid, uid, job in waiting if job.get("cancel")}
+        if notes:
+            kept = [w for w in waiting if (w[1], w[2]) not in notes]
+            waiting.clear()
+            waiting.extend(kept)
+            for key in notes:
+                if batch.cancel(key):
+                    logger.info("request %s cancelled: its client went away", key[1])
 
     def _expire(self, waiting: deque, timeout) -> None:
         if timeout in (None, False, -1):
@@ -189,7 +207,8 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r} is not one of {PRECISIONS}")
-    api = ChatAPI(folder, spec, int(cfg.max_batch_size), float(cfg.batch_timeout), device, cfg.precision, api_key)
+    api = ChatAPI(folder, spec, int(cfg.max_batch_size), float(cfg.batch_timeout), device, cfg.precision, api_key,
+                  cfg.threads)
     server = ls.LitServer(api, accelerator="cpu" if device == "cpu" else "cuda", devices=1, workers_per_device=1,
                           timeout=float(cfg.timeout), max_payload_size=limits.max_payload_bytes)
     # The chat page replaces LitServe's "litserve running" placeholder at "/".
@@ -202,12 +221,18 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
 
 
 def _cuda() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # LitServer shuts its workers down on Ctrl-C; do the same on SIGTERM
+def _stop_on_sigterm(main_pid: int):
+    """SIGTERM handler: in the main process, shut down like Ctrl-C (LitServer then stops its workers);
+    in a forked child that inherited it, die as SIGTERM normally does."""
+    def handler(signum, frame):
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    return handler
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
@@ -215,7 +240,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.host not in HOSTS:
         raise ValueError(f"host={cfg.host!r}: LitServe binds one of {HOSTS} (127.0.0.1 = this machine only)")
     server = build_server(cfg)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm(os.getpid()))
     print(f"serving {cfg.source} at http://{cfg.host}:{cfg.port}/ (API: /v1/chat/completions)", flush=True)
     server.run(host=cfg.host, port=int(cfg.port), generate_client_file=False, log_level=cfg.log_level)
 

@@ -92,6 +92,19 @@ def test_rows_joining_a_running_batch_equal_each_prompt_alone(gen, prompts):
         assert row.tokens == alone and row.finish == "length"
 
 
+def test_a_cancelled_row_stops_and_the_others_carry_on(gen, prompts):
+    rows = [gen.new_row(i, p, Sampling(max_tokens=10, temperature=0)) for i, p in enumerate(prompts[:2])]
+    batch = DecodeBatch(gen.model, gen.tokenizer)
+    batch.admit(rows)
+    batch.step()
+    assert batch.cancel(0) and not batch.cancel(0) and not batch.cancel("nobody")
+    while batch.live:
+        batch.step()
+    assert rows[0].finish == "cancelled" and len(rows[0].tokens) == 1
+    (alone, _), = gen.generate_batch([prompts[1]], max_tokens=10, temperature=0)
+    assert rows[1].tokens == alone and rows[1].finish == "length"
+
+
 def test_max_rows_queues_rows_without_changing_results(gen, prompts):
     capped = Generator(gen.model, gen.tokenizer, max_rows=2)
     assert capped.generate_batch(prompts, max_tokens=12, temperature=0) == \

@@ -126,6 +126,16 @@ def test_openai_client_sees_the_error_messages(server, client):
     assert ask(client, "still there?").choices[0].message.content  # and the next request is served
 
 
+def test_a_client_that_leaves_mid_stream_does_not_disturb_the_server(server, client):
+    body = json.dumps({"messages": [{"role": "user", "content": "go on and on"}], "max_tokens": 200,
+                       "temperature": 1.0, "stream": True}).encode()
+    request = urllib.request.Request(server + "/v1/chat/completions", data=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.readline().startswith(b"data: ")  # the stream started; now hang up
+    assert healthy(server) and ask(client, "and you?").choices[0].message.content
+
+
 def test_32_concurrent_requests_all_complete_and_match_their_solo_answers(client):
     prompts = [f"Question number {i}: what is {i} + {i}?" for i in range(32)]
     solo = {p: ask(client, p, max_tokens=12).choices[0].message.content for p in prompts[:4]}

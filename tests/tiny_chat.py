@@ -56,9 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(source: Path, port: int, *overrides: str, log: Path) -> subprocess.Popen:
-    """`python -m llm.serve source=... port=...` in its own process group; waits for /health."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def start_server(source: Path, port: int, *overrides: str, log: Path, threads: int = 1) -> subprocess.Popen:
+    """`python -m llm.serve source=... port=...` in its own process group; waits for /health.
+    One torch thread by default: the test models are tiny, and the test machine may be busy."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "llm.serve", f"source={source}", f"port={port}", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
