@@ -25,6 +25,8 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
+from llm.tasks.conversation import Conversation, content_parts, validate_conversation
+
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 MODEL_FILENAME = "tokenizer.model"
@@ -78,6 +80,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _merge_system(messages: list[dict]) -> list[dict]:
+    """The messages with a leading system message folded into the first user turn (a copy; input untouched)."""
+    if messages[0]["role"] != "system":
+        return messages
+    system, user, *rest = messages
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *rest]
 
 
 class Tokenizer:
@@ -267,6 +277,61 @@ class Tokenizer:
                 raise ValueError(f"compression_report: source {name!r} has no text to measure")
             report[name] = n_bytes / n_tokens
         return report
+
+    # ---------------------------------------------------------------- chat
+
+    def render_conversation(self, conversation: Conversation, max_tokens: int | None = None
+                            ) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and its loss mask, in nanochat's format:
+
+            <|bos|> <|user_start|> user text <|user_end|>
+                    <|assistant_start|> text <|python_start|> code <|python_end|>
+                                        <|output_start|> tool output <|output_end|> text <|assistant_end|> ...
+
+        mask[i] is 1 exactly where ids[i] is something the assistant must learn to produce: its text, its
+        python calls (with their python_start/python_end) and its assistant_end. Everything the model is
+        given rather than asked to write is 0: bos, user turns, assistant_start (the engine primes it) and tool
+        outputs (the engine forces them in). A system message is merged into the first user turn, as our
+        format has no system role. Both lists are cut to max_tokens.
+        """
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens}: keep at least one token (or None for no limit)")
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens: list[int] | int, learn: int) -> None:
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            ids.extend(tokens)
+            mask.extend([learn] * len(tokens))
+
+        special = self.special_id
+        add(self.bos_id, 0)
+        for message in _merge_system(validate_conversation(conversation)["messages"]):
+            if message["role"] == "user":
+                add(special("user_start"), 0)
+                add(self.encode(message["content"]), 0)
+                add(special("user_end"), 0)
+                continue
+            add(special("assistant_start"), 0)
+            for part in content_parts(message["content"]):
+                text = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(text, 1)
+                elif part["type"] == "python":
+                    add([special("python_start"), *text, special("python_end")], 1)
+                else:  # python_output
+                    add([special("output_start"), *text, special("output_end")], 0)
+            add(special("assistant_end"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: Conversation) -> list[int]:
+        """The prompt for generating the assistant's next turn: the conversation without its final assistant
+        message (if it ends with one), followed by <|assistant_start|>."""
+        messages = validate_conversation(conversation)["messages"]
+        if messages[-1]["role"] == "assistant":
+            conversation = {**conversation, "messages": messages[:-1]}
+        ids, _ = self.render_conversation(conversation)
+        return [*ids, self.special_id("assistant_start")]
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"

@@ -148,6 +148,7 @@ def run(cfg: DictConfig) -> dict:
         "tokens": trainer.global_step * int(cfg.stage.total_batch_tokens),
         "train_loss": train_loss,
         **{k.replace("/", "_"): float(v) for k, v in final.items()},
+        **getattr(module, "final_metrics", dict)(),  # a stage's own headline numbers (RL: reward before/after)
         "num_params": module.model.num_params(), "wall_time_s": time.time() - started,
         "world_size": trainer.world_size, "tensorboard_dir": str(trainer.logger.log_dir),
     }
