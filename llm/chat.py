@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from llm.checkpoint import load_artifact, resolve_artifact
 from llm.config import absolute
-from llm.engine import Generator, TextStream, for_inference
+from llm.engine import Generator, TextStream
+from llm.inference import for_inference
 
 
 class ChatSession:

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from llm.calculator import calculate
+from llm.inference import DecodeHead
 from llm.model.gpt import GPT
 from llm.model.kv_cache import KVCache
 from llm.text_stream import TextStream, display_pieces
@@ -161,8 +160,8 @@ class DecodeBatch:
         """Run every distinct prompt (minus its last token) once: prompt -> (its cache, row in it).
 
         Prompts go left-padded in chunks, longest first, each chunk's (rows x width x vocab) float32
-        logits kept under PREFILL_LOGITS (the forward computes logits we don't need: without a bound a
-        big batch of long prompts would need gigabytes for them).
+        logits kept under PREFILL_LOGITS: the logits are thrown away, and unless lm_head is a
+        DecodeHead (which then computes the last position only) the forward makes all of them.
         """
         prompts = sorted({tuple(r.prompt[:-1]) for r in rows if r.cached}, key=len, reverse=True)
         budget = max(1, PREFILL_LOGITS // self.model.config.vocab_size)
@@ -175,7 +174,14 @@ class DecodeBatch:
                 ids[i, width - len(p):] = torch.tensor(p)
             cache = self.model.make_kv_cache(len(chunk), width)
             cache.set_left_padding([width - len(p) for p in chunk])
-            self.model(ids.to(self._device), kv_cache=cache)
+            head = self.model.lm_head
+            try:
+                if isinstance(head, DecodeHead):
+                    head.last_only = True
+                self.model(ids.to(self._device), kv_cache=cache)
+            finally:
+                if isinstance(head, DecodeHead):
+                    head.last_only = False
             source.update((p, (cache, i)) for i, p in enumerate(chunk))
         return source
 
@@ -262,72 +268,6 @@ class DecodeBatch:
             r.finish = "length"
         if r.finish is not None:
             r.text.finish()
-
-
-PRECISIONS = ("auto", "fp32", "bf16-head", "bf16")
-
-
-class BF16Head(nn.Module):
-    """lm_head in bfloat16 for CPU decoding, prepacked for oneDNN when it can be.
-
-    On a CPU, decoding a small model is bound by reading the vocab x width unembedding for every token
-    (about half of a d4 step in float32). bfloat16 halves its bytes, and a weight reordered once into
-    oneDNN's blocked layout (what torch.compile's CPU "freezing" does) runs its matmul ~2x faster again
-    than a plain bfloat16 F.linear. Without oneDNN it is a plain bfloat16 F.linear. Outputs bfloat16; the
-    model casts the logits to float32.
-    """
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
-        self.packed = None
-        try:  # torch.ops.mkldnn is an internal API: use it only where it exists and works
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, None)
-            probe = torch.ones(1, 1, self.weight.size(1), dtype=torch.bfloat16)
-            if torch.allclose(self._packed_linear(probe, packed).float(), F.linear(probe, self.weight).float(),
-                              rtol=1e-2, atol=1e-2):
-                self.packed = packed
-        except (AttributeError, RuntimeError):
-            pass
-
-    @staticmethod
-    def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
-        return F.linear(x, self.weight) if self.packed is None else self._packed_linear(x, self.packed)
-
-
-def for_inference(model: GPT, precision: str = "auto") -> GPT:
-    """Put a model that only samples (CLI, server, benchmarks) in eval mode and the fastest precision.
-
-    fp32: weights as they are. bf16: every weight in bfloat16 (the rotary tables stay float32), so
-    activations and the KV cache are bfloat16 too. bf16-head: an untied lm_head becomes a BF16Head,
-    the rest stays float32 (the small matmuls in the blocks are fastest in float32 on a CPU). auto: bf16
-    on CUDA, bf16-head on a CPU with native bfloat16, else fp32. Logits come out float32 in every case.
-    Changes `model` in place: for models loaded to sample, not for one being trained.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
-    device = model.lm_head.weight.device
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16"
-        elif device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-                torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            precision = "bf16-head"
-        else:
-            precision = "fp32"
-    if precision == "bf16-head" and (model.config.tie_embeddings or device.type != "cpu"):
-        precision = "fp32"  # a tied head *is* the embedding table; bfloat16 there would reach the blocks
-    if precision == "bf16":
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
-    elif precision == "bf16-head" and not isinstance(model.lm_head, BF16Head):
-        model.lm_head = BF16Head(model.lm_head.weight)
-    model.precision = precision
-    return model.eval()
 
 
 class Generator:

@@ -23,9 +23,8 @@ from pathlib import Path
 from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from litserve.specs.openai import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                   ChatCompletionResponseChoice, ChatCompletionStreamingChoice,
-                                   ChoiceDelta, OpenAISpec, UsageInfo)
+from litserve.specs.openai import (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
+                                   OpenAISpec, UsageInfo)
 from litserve.utils import LitAPIStatus, PickleableHTTPException, ResponseBufferItem
 
 from llm.checkpoint import read_meta
@@ -203,27 +202,28 @@ class ChatSpec(OpenAISpec):
                     self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"cancel": True}))
 
     async def _stream(self, model, pipes, uids, include_usage: bool):
+        """OpenAI's server-sent events: a role chunk per choice, content deltas, a finish chunk per
+        choice, the usage if asked for, [DONE]. Chunks are written with json.dumps (one per token, so
+        the cost matters) in the shape of ChatCompletionChunk."""
         usage = UsageInfo()
-        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": model}
 
-        def chunk(i, delta, finish=None, with_usage=None):
-            c = ChatCompletionChunk(id=chunk_id, model=model, usage=with_usage, choices=[
-                ChatCompletionStreamingChoice(index=i, delta=delta, finish_reason=finish)])
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+        def chunk(i, delta, finish=None):
+            choice = {"index": i, "delta": delta, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
         try:
             for i in range(len(pipes)):
-                yield chunk(i, ChoiceDelta(role="assistant", content=""))
+                yield chunk(i, {"role": "assistant", "content": ""})
             async for i, msg in self._messages(pipes, uids):
                 if msg.get("finish_reason"):
                     usage = _add_usage(usage, msg, first=i == 0)
-                    yield chunk(i, ChoiceDelta(content=msg["content"]) if msg["content"] else ChoiceDelta(),
-                                msg["finish_reason"])
+                    yield chunk(i, {"content": msg["content"]} if msg["content"] else {}, msg["finish_reason"])
                 elif msg["content"]:
-                    yield chunk(i, ChoiceDelta(content=msg["content"]))
+                    yield chunk(i, {"content": msg["content"]})
             if include_usage:
-                last = ChatCompletionChunk(id=chunk_id, model=model, choices=[], usage=usage)
-                yield f"data: {last.model_dump_json()}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage.model_dump()})}\n\n"
             yield "data: [DONE]\n\n"
         except HTTPException as e:
             yield f"data: {json.dumps({'error': _error_body(e)})}\n\n"

@@ -36,7 +36,8 @@ from omegaconf import DictConfig
 
 from llm.checkpoint import load_artifact, read_meta, resolve_artifact
 from llm.config import absolute
-from llm.engine import PRECISIONS, Generator, for_inference
+from llm.engine import Generator
+from llm.inference import PRECISIONS, for_inference
 from llm.openai_api import (ChatSpec, Limits, api_error, check_api_key, http_error, pickleable,
                             validation_error)
 

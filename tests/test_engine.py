@@ -13,8 +13,9 @@ import torch
 from llm import engine
 from llm.chat import ChatSession
 from llm.checkpoint import load_artifact
-from llm.engine import DecodeBatch, Generator, Sampling, TextStream, for_inference
-from llm.model.gpt import GPT
+from llm.engine import DecodeBatch, Generator, Sampling, TextStream
+from llm.inference import for_inference
+from llm.model.gpt import GPT, GPTConfig
 from tiny_chat import REPO, make_artifact
 
 
@@ -152,6 +153,16 @@ def test_sampler_follows_the_distribution(gen):
     assert freq[0] == 0 and abs(freq[2] - 1 / (1 + torch.e ** -1)) < 0.03
 
 
+def test_for_inference_fp32_decodes_exactly_like_the_plain_model(artifact, gen, prompts):
+    """Its DecodeHead computes only the last position during a prefill: same caches, same tokens."""
+    model, _, _ = load_artifact(artifact)
+    prepared = Generator(for_inference(model, "fp32"), gen.tokenizer)
+    assert prepared.generate_batch(prompts, max_tokens=12, temperature=0) == \
+        gen.generate_batch(prompts, max_tokens=12, temperature=0)
+    with torch.no_grad():  # outside a prefill it is the plain unembedding
+        torch.testing.assert_close(model(torch.tensor([prompts[1]])), gen.model(torch.tensor([prompts[1]])))
+
+
 def test_bf16_head_keeps_float32_logits_close_to_fp32(artifact, gen, prompts):
     fast, _, _ = load_artifact(artifact)
     assert for_inference(fast, "bf16-head").lm_head.weight.dtype == torch.bfloat16
@@ -165,6 +176,9 @@ def test_bf16_head_keeps_float32_logits_close_to_fp32(artifact, gen, prompts):
     assert len(tokens) == 8
     with pytest.raises(ValueError, match="precision='fp16'"):
         for_inference(fast, "fp16")
+    tied = GPT(GPTConfig.from_depth(1, vocab_size=gen.tokenizer.vocab_size, tie_embeddings=True))
+    for_inference(tied, "bf16-head")
+    assert tied.precision == "fp32" and tied.lm_head.weight is tied.wte.weight  # still tied
 
 
 def test_prompt_too_long_for_the_context_is_a_clear_error(gen, prompts):
