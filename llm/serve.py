@@ -63,8 +63,9 @@ class ChatAPI(ls.LitAPI):
             check_api_key(self.api_key, authorization)
 
     def setup(self, device) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        # The API process needs a core too: threads spinning in OpenMP barriers while it runs can
+        # slow a decode step 10x or more, so by default the worker leaves one core free.
+        torch.set_num_threads(self.threads or max(1, (os.cpu_count() or 2) - 1))
         model, tokenizer, _ = load_artifact(self.folder, device=self.device_name)
         self.generator = Generator(for_inference(model, self.precision), tokenizer)
 

@@ -56,10 +56,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(source: Path, port: int, *overrides: str, log: Path, threads: int = 1) -> subprocess.Popen:
+def start_server(source: Path, port: int, *overrides: str, log: Path, threads: int | None = 1) -> subprocess.Popen:
     """`python -m llm.serve source=... port=...` in its own process group; waits for /health.
-    One torch thread by default: the test models are tiny, and the test machine may be busy."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    One torch thread by default (threads=None: the server's default): the test models are tiny."""
+    env = dict(os.environ)
+    if threads:
+        overrides = (*overrides, f"threads={threads}")
     cmd = [sys.executable, "-m", "llm.serve", f"source={source}", f"port={port}", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
