@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline on the bundled data, on a laptop CPU: tokenizer -> base pretraining.
-# Artifacts go to $LLM_HOME (default ./artifacts); rerunning resumes or skips finished stages.
+# The whole pipeline on the bundled data, on a laptop CPU:
+#   tokenizer -> base -> mid -> sft -> rl (arithmetic) -> eval -> report card
+# Artifacts go to $LLM_HOME (default ./artifacts); rerunning resumes unfinished stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash recipes/setup.sh
@@ -8,14 +9,16 @@ export LLM_HOME="${LLM_HOME:-$PWD/artifacts}"
 
 [[ -f "$LLM_HOME/tokenizer/tokenizer.model" ]] || python -m llm.train_tokenizer vocab_size=8192
 python -m llm.train stage=base experiment=cpu_demo
+python -m llm.train stage=mid experiment=cpu_demo trainer.max_steps=100
+python -m llm.train stage=sft experiment=cpu_demo trainer.max_steps=100
+python -m llm.train stage=rl experiment=cpu_demo data=rl_arith trainer.max_steps=30 \
+    stage.module.max_new_tokens=64 stage.module.lr_scale=0.2
 
-python - <<'PY'
-import json, os
-home = os.environ["LLM_HOME"]
-tok = json.load(open(f"{home}/tokenizer/compression.json"))
-base = json.load(open(f"{home}/base/metrics.json"))
-print(f"tokenizer: vocab {tok['vocab_size']}, bytes/token " +
-      ", ".join(f"{k} {v:.2f}" for k, v in tok["bytes_per_token"].items()))
-print(f"base: {base['steps']} steps, {base['tokens']:,} tokens, train loss {base['train_loss']:.3f}, "
-      f"val bpb {base['val_bpb']:.3f}, {base['wall_time_s'] / 60:.1f} min")
-PY
+# offline, ARC and MMLU use the rows shipped with the package; GSM8K is the real test set
+offline="task_options.arc_easy.source=fixture task_options.arc_challenge.source=fixture task_options.mmlu.source=fixture"
+python -m llm.eval source=base tasks=[bpb]
+python -m llm.eval source=sft tasks=[arc_easy,arc_challenge,mmlu,gsm8k,humaneval] max_per_task=64 $offline
+python -m llm.eval source=rl tasks=[gsm8k,arithmetic] max_per_task=64
+python -m llm.evaluate.chat_loss base mid sft
+python -m llm.report
+echo "report card: $LLM_HOME/report.md"
