@@ -8,6 +8,7 @@ exact data the chat stages validate on (conf/data/_chat.yaml: val_tasks).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import llm.config  # noqa: F401  (resolvers)
 from llm.checkpoint import load_artifact, resolve_artifact
+from llm.config import absolute  # also registers the resolvers the configs use
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -37,7 +38,7 @@ def chat_val_loss(folder: Path, artifacts: Path) -> float:
 
 
 def main(sources: list[str]) -> None:
-    artifacts = Path(llm.config.absolute(__import__("os").environ.get("LLM_HOME", "./artifacts")))
+    artifacts = absolute(os.environ.get("LLM_HOME", "./artifacts"))
     for source in sources:
         folder = resolve_artifact(source, artifacts)
         print(f"{source:>6}: chat validation loss {chat_val_loss(folder, artifacts):.4f}")
