@@ -211,8 +211,11 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         raise ValueError(f"precision={cfg.precision!r} is not one of {PRECISIONS}")
     api = ChatAPI(folder, spec, int(cfg.max_batch_size), float(cfg.batch_timeout), device, cfg.precision, api_key,
                   cfg.threads)
+    # fast_queue: answers travel over ZeroMQ rather than a multiprocessing.Manager queue, whose every
+    # put is a round trip through the manager process (one per streamed token and row).
     server = ls.LitServer(api, accelerator="cpu" if device == "cpu" else "cuda", devices=1, workers_per_device=1,
-                          timeout=float(cfg.timeout), max_payload_size=limits.max_payload_bytes)
+                          timeout=float(cfg.timeout), max_payload_size=limits.max_payload_bytes,
+                          fast_queue=bool(cfg.fast_queue))
     # The chat page replaces LitServe's "litserve running" placeholder at "/".
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
     page = PAGE.read_text()
