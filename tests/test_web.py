@@ -1,6 +1,6 @@
 """The chat page at "/", driven in headless Chromium through the DevTools protocol.
 
-Needs Debian's chromium (`apt-get install -y chromium`); skipped with that hint when it is missing.
+Needs Debian's chromium, which `bash recipes/setup.sh --dev` installs.
 The screenshot of the finished conversation is kept in the test's tmp dir (its path is printed).
 """
 
@@ -20,7 +20,6 @@ from tiny_chat import free_port, make_artifact, start_server, stop_server
 
 KEY = "page-key"
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="needs chromium: apt-get install -y chromium")
 
 
 class Browser:
@@ -64,6 +63,7 @@ class Browser:
 @pytest.fixture
 def browser(tmp_path):
     """A fresh headless Chromium (own profile), connected to its first tab."""
+    assert BROWSER, "no chromium on PATH: `bash recipes/setup.sh --dev` installs Debian's chromium"
     from websockets.sync.client import connect
 
     profile = tmp_path / "profile"
