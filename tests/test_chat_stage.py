@@ -24,13 +24,7 @@ from llm.train import model_config, run
 SMALL = "data.tasks=[{name:arithmetic,size:20},{name:simple_spelling,size:20}]"  # 40 rows: 5 steps an epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core box: one thread beats two fighting over the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(stage: str, artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[str]:

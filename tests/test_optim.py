@@ -18,14 +18,7 @@ from llm.optim.muon import MuonAdamW, zeropower_via_newtonschulz5
 from llm.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core box are dominated by thread-pool contention; one thread
-    # is faster and also makes forking the distributed workers safe for OpenMP.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------

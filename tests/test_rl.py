@@ -27,13 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARITH = ["data=rl_arith", "data.tasks=[{name:arithmetic,difficulty:1,size:2000}]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core box: one thread beats two fighting over the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(stage: str, artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
