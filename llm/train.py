@@ -117,8 +117,7 @@ def run(cfg: DictConfig) -> dict:
     last_ckpt = folder / "checkpoints" / "last.ckpt"
     checkpointing = ModelCheckpoint(dirpath=last_ckpt.parent, save_top_k=0, save_last=True,
                                     every_n_train_steps=int(cfg.stage.save_every))
-    throughput = ThroughputMonitor(tokens_per_step=int(cfg.stage.total_batch_tokens),
-                                   flops_per_token=0.0)
+    throughput = ThroughputMonitor(tokens_per_step=int(cfg.stage.total_batch_tokens))
     trainer = build_trainer(cfg, folder, [checkpointing, throughput])
     micro_tokens = datamodule.batch_size * datamodule.seq_len * trainer.world_size
     accum = accumulation(int(cfg.stage.total_batch_tokens), micro_tokens)
@@ -134,7 +133,6 @@ def run(cfg: DictConfig) -> dict:
     module = make_module(model_config=config, optimizer=instantiate(cfg.optimizer, _convert_="all"),
                          tokenizer=tokenizer, total_steps=total_steps, compile=bool(cfg.compile),
                          init_state=initial_state(cfg, config, tokenizer))
-    throughput.flops_per_token = module.model.flops_per_token()
 
     resume_from = str(last_ckpt) if cfg.resume and last_ckpt.exists() else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)

@@ -38,14 +38,15 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 class ThroughputMonitor(L.Callback):
     """Logs train/tokens_per_sec (all ranks) and train/mfu after every optimizer step."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float):
+    def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token
+        self.flops_per_token = 0.0
         self.peak: float | None = None
         self._last: float | None = None
         self._last_step = 0
 
     def on_train_start(self, trainer, pl_module):
+        self.flops_per_token = pl_module.model.flops_per_token()
         self.peak = peak_flops(pl_module.device, trainer.precision)
         if self.peak:
             self.peak *= trainer.world_size
