@@ -33,10 +33,10 @@ from typing import Any, Iterator
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llm.tasks import Task, build_mixture
+from llm.data.loading import batch_loader, gather_from_ranks, rank_and_world
 from llm.tokenizer import Tokenizer
 
 TaskSpec = str | dict[str, Any]
@@ -125,10 +125,6 @@ class ChatDataModule(L.LightningDataModule):
         self.val_mixture = build_mixture(list(val_tasks), split="test", seed=seed)
         self.rows_consumed = 0  # of this rank's training stream
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def steps_per_epoch(self, world_size: int, accumulation: int) -> float:
         """Optimizer steps in one pass over the training mixture (llm.train derives stage.epochs from it)."""
         return (len(self.train_mixture) // world_size) / (self.batch_size * accumulation)
@@ -144,17 +140,11 @@ class ChatDataModule(L.LightningDataModule):
                            self.seed, loop=False)
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        return self._loader(self.train_batches(rank, world, start=self.rows_consumed), self.num_workers)
+        rank, world = rank_and_world(self.trainer)
+        return batch_loader(self.train_batches(rank, world, start=self.rows_consumed), self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_batches(*self._rank_world()), 0)
-
-    @staticmethod
-    def _loader(batches: ChatBatches, num_workers: int) -> DataLoader:
-        return DataLoader(batches, batch_size=None, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                          prefetch_factor=4 if num_workers > 0 else None)
+        return batch_loader(self.val_batches(*rank_and_world(self.trainer)), 0)
 
     # ---- resumable position ----------------------------------------------------------------
 
@@ -164,16 +154,11 @@ class ChatDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         mine = {"rows": self.rows_consumed}
-        # Lightning stores rank 0's copy only; every rank's position is needed to resume.
-        if dist.is_available() and dist.is_initialized():
-            ranks: list = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
+        ranks = gather_from_ranks(mine)  # Lightning stores rank 0's copy only; resume needs every rank's
         return {"ranks": ranks, "mixture_rows": len(self.train_mixture), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.trainer)
         if len(state["ranks"]) != world:
             raise ValueError(f"the checkpoint's data position was saved with {len(state['ranks'])} ranks, this run "
                              f"has {world}: resume with the same trainer.devices, or start fresh with resume=false")

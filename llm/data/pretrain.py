@@ -22,10 +22,10 @@ from typing import Iterator
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llm.data.sources import TextSource, iter_texts, load_documents
+from llm.data.loading import batch_loader, gather_from_ranks, rank_and_world
 from llm.tokenizer import Tokenizer
 
 _ENCODE_CHUNK = 64  # documents tokenized per call (sentencepiece batches them in C++)
@@ -130,29 +130,19 @@ class PretrainDataModule(L.LightningDataModule):
 
     # ---- the two loaders -------------------------------------------------------------------
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.trainer)
         workers = max(self.num_workers, 1)
         stream = PackedTokenStream(self.source, self.tokenizer_dir, self.batch_size, self.seq_len,
                                    first_doc=self.val_docs, last_doc=None, rank=rank, world_size=world,
                                    cursors=dict(self.cursors), rotation=self.batches_consumed % workers)
-        return self._loader(stream, self.num_workers)
+        return batch_loader(stream, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.trainer)
         stream = PackedTokenStream(self.source, self.tokenizer_dir, self.batch_size, self.seq_len,
                                    first_doc=0, last_doc=self.val_docs, rank=rank, world_size=world)
-        return self._loader(stream, 0)
-
-    @staticmethod
-    def _loader(stream: PackedTokenStream, num_workers: int) -> DataLoader:
-        return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                          prefetch_factor=4 if num_workers > 0 else None)
+        return batch_loader(stream, 0)
 
     # ---- resumable position ----------------------------------------------------------------
 
@@ -164,16 +154,11 @@ class PretrainDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         mine = {"cursors": {s: vars(c) for s, c in self.cursors.items()}, "batches": self.batches_consumed}
-        # Lightning stores rank 0's copy only; every rank's position is needed to resume.
-        if dist.is_available() and dist.is_initialized():
-            ranks: list = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
+        ranks = gather_from_ranks(mine)  # Lightning stores rank 0's copy only; resume needs every rank's
         return {"ranks": ranks, "num_workers": max(self.num_workers, 1)}
 
     def load_state_dict(self, state: dict) -> None:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.trainer)
         saved_world, saved_workers = len(state["ranks"]), state["num_workers"]
         if (saved_world, saved_workers) != (world, max(self.num_workers, 1)):
             raise ValueError(
