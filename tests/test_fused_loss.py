@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model.fused_loss import CHUNK_ROWS, linear_cross_entropy
+from llm.model import fused_loss
+from llm.model.fused_loss import linear_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    # tiny blocks and chunks, so a few dozen rows already span several of each, the last ones partial
+    monkeypatch.setattr(fused_loss, "BLOCK_ROWS", 24)
+    monkeypatch.setattr(fused_loss, "CPU_CHUNK_ROWS", 5)
 
 
 def reference(h, weight, targets, softcap, reduction):
@@ -24,7 +32,7 @@ def reference(h, weight, targets, softcap, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_value_and_gradients_match_the_logits_path(softcap, reduction):
     torch.manual_seed(0)
-    B, T, C, V = 3, CHUNK_ROWS // 2 + 7, 16, 101  # rows span several chunks, the last one partial
+    B, T, C, V = 3, 23, 16, 101  # 69 rows: three blocks, the last one partial
     h = torch.randn(B, T, C, requires_grad=True)
     weight = torch.randn(V, C, requires_grad=True)
     targets = torch.randint(0, V, (B, T))
@@ -63,3 +71,15 @@ def test_bf16_autocast_stays_close_and_keeps_fp32_gradients():
     assert h.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     want = reference(h.detach(), weight.detach(), targets, 15.0, "mean")
     assert got.item() == pytest.approx(want.item(), rel=2e-2)
+
+
+def test_far_off_targets_keep_their_exact_loss():
+    # without a cap a logit gap of ~200 makes p_target underflow to 0 in float32: the loss must stay exact
+    torch.manual_seed(3)
+    h = torch.randn(2, 30, 8)
+    weight = torch.randn(40, 8) * 30
+    targets = torch.randint(0, 40, (2, 30))
+    got = linear_cross_entropy(h, weight, targets, None, "none")
+    want = reference(h, weight, targets, None, "none")
+    assert want.max() > 150
+    torch.testing.assert_close(got, want)

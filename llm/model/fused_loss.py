@@ -2,32 +2,69 @@
 
 At small widths the unembedding dominates a step, and the plain path reads and writes the
 (B*T, vocab) float32 logits some ten times (matmul, float cast, soft-cap, log-softmax and their
-backwards: about 5 GB of memory traffic per step at d4 with B*T=4096 and vocab 32768). Here the
-logits are computed once in the compute dtype; small row chunks of them (which stay in cache) are
-turned into losses and overwritten in place by the gradient of the loss w.r.t. the logits; two
-matmuls then give the gradients w.r.t. the hidden states and the weight, already in forward.
-Backward only scales them by the upstream gradient.
+backwards). Here the rows go through in blocks: one matmul gives a block's logits in the compute
+dtype, small chunks of it (which stay in cache) become losses and are overwritten in place by the
+gradient of the loss w.r.t. the logits, and two matmuls turn that into the block's share of the
+gradients w.r.t. the hidden states and the weight, already in forward. Backward only scales them
+by the upstream gradient. One block buffer is reused, so the full logits never exist (at d6,
+B*T=16384, they would be 2 GB, and page-faulting a fresh 2 GB every step costs most of a second).
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 32  # 32 rows x 32768 vocab x 4 bytes = 4 MB of float32 work per chunk
+BLOCK_ROWS = 2048  # rows per logits matmul: big enough for full-speed matmuls, 256 MB in float32
+CPU_CHUNK_ROWS = 32  # rows per elementwise pass on CPU: 32 x 32768 float32 = 4 MB, stays in cache
 
 
-def _capped(x: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(softcap * tanh(x / softcap) in float32, the tanh) or (x in float32, None)."""
-    z = x.float()
+class _Workspace:
+    """Float32 scratch rows for the elementwise passes, allocated once per block, not per chunk:
+    on CPU a fresh 1 MB tensor per op costs more than the op itself."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self.s, self.z, self.p = (torch.empty(rows, vocab, device=device) for _ in range(3))
+
+
+def _loss_and_dlogits_(x: torch.Tensor, targets: torch.Tensor, softcap: float | None, ws: _Workspace) -> torch.Tensor:
+    """Per-row losses of logits x (rows, V) against targets (-1 = ignored, still computed), and x
+    overwritten with d loss_row / d x.
+
+    The cap c*tanh(x/c) equals 2c*sigmoid(2x/c) - c: softmax and cross entropy ignore the constant
+    shift, and on CPU sigmoid is about 5x faster than tanh. Its slope 1 - tanh^2 is 4s(1 - s).
+    """
+    n = x.size(0)
+    s = x if x.dtype == torch.float32 else ws.s[:n].copy_(x)
     if softcap is None:
-        return z, None
-    t = z.mul_(1.0 / softcap).tanh_()
-    return t * softcap, t
+        z = s
+    else:
+        s.mul_(2.0 / softcap).sigmoid_()
+        z = torch.mul(s, 2.0 * softcap, out=ws.z[:n])
+    # the out= variant of softmax writes into the workspace instead of allocating
+    p = torch.ops.aten._softmax.out(z, -1, False, out=ws.p[:n])
+    # loss = logsumexp(z) - z_target, with logsumexp(z) = max(z) - log max(p): exact even where
+    # p_target underflows to 0, since the largest probability is at least 1/V.
+    idx = targets.clamp(min=0).unsqueeze(1)
+    losses = (z.amax(dim=-1, keepdim=True) - p.amax(dim=-1, keepdim=True).log() - z.gather(1, idx)).squeeze(1)
+    p.scatter_add_(1, idx, torch.full_like(idx, -1.0, dtype=p.dtype))  # softmax - one_hot(target)
+    if softcap is None:
+        x.copy_(p)
+    else:
+        torch.mul(p, s.addcmul_(s, s, value=-1.0).mul_(4.0), out=x)  # through the cap: 4s(1 - s)
+    return losses
 
 
-def _losses(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lse = torch.logsumexp(z, dim=-1)
-    return lse - z.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1), lse
+def _chunk_rows(x: torch.Tensor) -> int:
+    # On a GPU one elementwise pass over the whole block beats thousands of small kernel launches.
+    return CPU_CHUNK_ROWS if x.device.type == "cpu" else x.size(0)
+
+
+def _block_losses_(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Per-row losses of a block of logits, which is overwritten with d loss_row / d logits."""
+    step = _chunk_rows(logits)
+    ws = _Workspace(min(step, logits.size(0)), logits.size(1), logits.device)
+    return torch.cat([_loss_and_dlogits_(logits[s:s + step], targets[s:s + step], softcap, ws)
+                      for s in range(0, logits.size(0), step)])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -36,22 +73,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # h (N, C), weight (V, C), targets (N,), token_weights (N,): the loss is sum_i w_i * loss_i
         with torch.autocast(device_type=h.device.type, enabled=False):
             w, hc = weight.to(compute_dtype), h.to(compute_dtype)
-            logits = hc @ w.T  # (N, V); becomes d loss_i / d logits in place, chunk by chunk
+            # the per-token weights scale rows: apply them to the small operand, not to (N, V)
+            h_scaled = hc * token_weights.to(compute_dtype).unsqueeze(1)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, h.size(0), CHUNK_ROWS):
-                rows = slice(s, s + CHUNK_ROWS)
-                z, t = _capped(logits[rows], softcap)
-                losses, lse = _losses(z, targets[rows])
-                total += (losses * token_weights[rows]).sum()
-                g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax
-                g.scatter_add_(1, targets[rows].clamp(min=0).unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                if t is not None:
-                    g.mul_(t.mul_(t).neg_().add_(1.0))  # through the cap: d(c tanh(x/c))/dx = 1 - tanh^2
-                logits[rows] = g
-            # the per-token weights scale rows: apply them to the small operands, not to (N, V)
-            scale = token_weights.to(compute_dtype).unsqueeze(1)
-            grad_h = (logits @ w) * scale
-            grad_w = (logits.T @ (hc * scale)).float()
+            grad_h = torch.empty_like(hc)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            block = torch.empty(min(BLOCK_ROWS, h.size(0)), w.size(0), dtype=compute_dtype, device=h.device)
+            for s in range(0, h.size(0), BLOCK_ROWS):
+                rows = slice(s, s + BLOCK_ROWS)
+                logits = torch.mm(hc[rows], w.T, out=block[: hc[rows].size(0)])
+                total += (_block_losses_(logits, targets[rows], softcap) * token_weights[rows]).sum()
+                torch.mm(logits, w, out=grad_h[rows])
+                grad_h[rows] *= token_weights[rows].to(compute_dtype).unsqueeze(1)
+                if compute_dtype == torch.float32:
+                    grad_w.addmm_(logits.T, h_scaled[rows])
+                else:  # matmuls accumulate in float32 inside; the blocks' partial sums add up in float32 here
+                    grad_w += logits.T @ h_scaled[rows]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return total
@@ -71,9 +108,9 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 @torch.no_grad()
 def _token_losses(h, weight, targets, softcap, dtype) -> torch.Tensor:
     with torch.autocast(device_type=h.device.type, enabled=False):
-        logits = h.to(dtype) @ weight.to(dtype).T
-        return torch.cat([_losses(_capped(logits[s:s + CHUNK_ROWS], softcap)[0], targets[s:s + CHUNK_ROWS])[0]
-                          for s in range(0, h.size(0), CHUNK_ROWS)])
+        w = weight.to(dtype)
+        return torch.cat([_block_losses_(h[s:s + BLOCK_ROWS].to(dtype) @ w.T, targets[s:s + BLOCK_ROWS], softcap)
+                          for s in range(0, h.size(0), BLOCK_ROWS)])
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
