@@ -113,6 +113,7 @@ def _token_losses(h, weight, targets, softcap, dtype) -> torch.Tensor:
                           for s in range(0, h.size(0), BLOCK_ROWS)])
 
 
+@torch.compiler.disable  # hand-fused already; tracing its Python loops would unroll thousands of ops
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          softcap: float | None, reduction: str = "mean") -> torch.Tensor:
     """Cross entropy of softcap(h @ weight.T) against targets (-1 = ignored).
