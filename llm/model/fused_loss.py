@@ -47,10 +47,9 @@ def _loss_and_dlogits_(x: torch.Tensor, targets: torch.Tensor, softcap: float | 
     idx = targets.clamp(min=0).unsqueeze(1)
     losses = (z.amax(dim=-1, keepdim=True) - p.amax(dim=-1, keepdim=True).log() - z.gather(1, idx)).squeeze(1)
     p.scatter_add_(1, idx, torch.full_like(idx, -1.0, dtype=p.dtype))  # softmax - one_hot(target)
-    if softcap is None:
-        x.copy_(p)
-    else:
-        torch.mul(p, s.addcmul_(s, s, value=-1.0).mul_(4.0), out=x)  # through the cap: 4s(1 - s)
+    if softcap is not None:
+        p.mul_(s.addcmul_(s, s, value=-1.0).mul_(4.0))  # through the cap: 4s(1 - s)
+    x.copy_(p)  # float32 math, then one cast (a bfloat16 out= on the multiply is ~5x slower)
     return losses
 
 
