@@ -83,3 +83,26 @@ def test_far_off_targets_keep_their_exact_loss():
     want = reference(h, weight, targets, None, "none")
     assert want.max() > 150
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_token_weights_scale_each_loss(reduction):
+    # policy-gradient advantages: any sign, zero on some tokens; value and gradients as the plain path's
+    torch.manual_seed(4)
+    h = torch.randn(3, 20, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (3, 20))
+    targets[1, :4] = -1
+    weights = torch.randn(3, 20)
+    weights[2, 5:9] = 0
+    got = linear_cross_entropy(h, weight, targets, 15.0, reduction, weights=weights)
+    got.backward()
+    gh, gw = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    want = (reference(h, weight, targets, 15.0, "none") * weights).sum()
+    if reduction == "mean":
+        want = want / (targets >= 0).sum()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, weight.grad, rtol=1e-4, atol=1e-6)

@@ -90,6 +90,18 @@ def test_bad_reduction_raises():
         model(tokens(1, 4), tokens(1, 4), reduction="avg")
 
 
+def test_loss_weights_scale_token_losses():
+    model, x, y = randomized(tiny()), tokens(2, 9), tokens(2, 9, seed=2)
+    weights = torch.randn(2, 9)
+    with torch.no_grad():
+        want = (model(x, y, reduction="none") * weights).sum()
+        torch.testing.assert_close(model(x, y, reduction="sum", loss_weights=weights), want)
+    with pytest.raises(ValueError, match="loss_weights has shape"):
+        model(x, y, reduction="sum", loss_weights=weights[:, :4])
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        model(x, y, reduction="none", loss_weights=weights)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_causality(name):
     model = randomized(VARIANTS[name])

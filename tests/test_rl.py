@@ -115,15 +115,18 @@ def test_prompt_and_tool_output_tokens_get_no_gradient():
     inputs, targets = policy_rows(rollouts, pad_id=0)
     captured = {}
 
-    def keep_logits(module, inputs_, out):
+    def keep_hidden(module, inputs_, out):
         out.retain_grad()
-        captured["logits"] = out
+        captured["hidden"] = out
 
-    hook = model.lm_head.register_forward_hook(keep_logits)
+    # after the last block, position t feeds only its own prediction (norm and head are per position);
+    # the head starts at zero, which would pass no gradient back at all
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)
+    hook = model.blocks[-1].register_forward_hook(keep_hidden)
     rewards = torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 0.0]])  # every sample has a nonzero advantage
     policy_gradient_loss(model, inputs, targets, group_advantages(rewards).flatten()).backward()
     hook.remove()
-    grad = captured["logits"].grad.abs().sum(-1)  # (R, T): the gradient reaching each position's prediction
+    grad = captured["hidden"].grad.abs().sum(-1)  # (R, T): the gradient reaching each position's prediction
     for r, (ids, forced) in enumerate(zip(rollouts.completions, rollouts.forced)):
         start = len(rollouts.prompts[r // 3]) - 1  # position predicting the first answer token
         sampled = {start + i for i, f in enumerate(forced) if not f}

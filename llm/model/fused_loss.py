@@ -114,11 +114,13 @@ def _token_losses(h, weight, targets, softcap, dtype) -> torch.Tensor:
 
 @torch.compiler.disable  # hand-fused already; tracing its Python loops would unroll thousands of ops
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         softcap: float | None, reduction: str = "mean") -> torch.Tensor:
+                         softcap: float | None, reduction: str = "mean",
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross entropy of softcap(h @ weight.T) against targets (-1 = ignored).
 
     h (..., C), targets (...). "mean" over counted targets, "sum", or "none" ((...) losses, 0 where
-    ignored; without gradients).
+    ignored; without gradients). weights (...), for "mean" and "sum": each token's loss is scaled by
+    its weight first (any sign, e.g. policy-gradient advantages); they get no gradient.
     """
     shape = targets.shape
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
@@ -126,5 +128,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = _compute_dtype(h)
     if reduction == "none":
         return (_token_losses(h, weight, targets, softcap, dtype) * counted).view(shape)
-    token_weights = counted / counted.sum().clamp(min=1) if reduction == "mean" else counted
+    token_weights = counted if weights is None else counted * weights.detach().reshape(-1).float()
+    if reduction == "mean":
+        token_weights = token_weights / counted.sum().clamp(min=1)
     return _LinearCrossEntropy.apply(h, weight, targets, token_weights, softcap, dtype)

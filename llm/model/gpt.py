@@ -260,11 +260,13 @@ class GPT(nn.Module):
         loss_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         reduction: str = "mean",
+        loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32, or the cross-entropy loss when targets are given.
 
         With a kv_cache, this chunk's keys/values are appended to it and attention covers everything
         cached; positions continue from the cache (per row, so left-padded rows are right).
+        loss_weights (B, T) scale each token's loss before a "mean"/"sum" reduction (e.g. RL advantages).
         """
         self._check_input(idx, kv_cache)
         B, T = idx.shape
@@ -284,30 +286,35 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         x = norm(x)
         if targets is not None:
-            self._check_targets(x, targets, loss_mask, reduction)
+            self._check_targets(x, targets, loss_mask, reduction, loss_weights)
             if loss_mask is not None:
                 targets = targets.masked_fill(loss_mask == 0, -1)
             if reduction != "none" or not torch.is_grad_enabled():
                 # the loss straight from the hidden states, never holding (B, T, vocab) logits
-                return linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap, reduction)
+                return linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap, reduction,
+                                            loss_weights)
         logits = self.lm_head(x).float()
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
-        # per-token losses that need gradients (policy-gradient log-probs): the plain path
+        # per-token losses that need gradients: the plain path
         return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1,
                                reduction="none").view(targets.shape)
 
     @staticmethod
-    def _check_targets(x, targets, loss_mask, reduction) -> None:
+    def _check_targets(x, targets, loss_mask, reduction, loss_weights) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
         if targets.shape != x.shape[:-1]:
             raise ValueError(f"targets have shape {tuple(targets.shape)}; expected {tuple(x.shape[:-1])} like idx")
-        if loss_mask is not None and loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}; expected {tuple(targets.shape)} like targets")
+        for name, value in (("loss_mask", loss_mask), ("loss_weights", loss_weights)):
+            if value is not None and value.shape != targets.shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}; expected {tuple(targets.shape)} like targets")
+        if loss_weights is not None and reduction == "none":
+            raise ValueError("loss_weights scale a reduced loss: use reduction='sum' or 'mean', "
+                             "or multiply the per-token losses of reduction='none' yourself")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of (unique) parameters; exclude_embeddings drops wte and wpe (a tied lm_head too)."""

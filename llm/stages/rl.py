@@ -139,8 +139,10 @@ def policy_gradient_loss(forward: Callable[..., torch.Tensor], inputs: torch.Ten
     keep = (advantages != 0).nonzero().flatten()
     if keep.numel() == 0:
         keep = keep.new_zeros(1)
-    nll = forward(inputs[keep], targets=targets[keep], reduction="none")  # -log p, 0 where target is -1
-    return (nll * advantages[keep, None]).sum() / num_tokens
+    kept = targets[keep]
+    # sum of advantage * -log p over sampled tokens, through the fused output-layer loss
+    weighted = forward(inputs[keep], targets=kept, reduction="sum", loss_weights=advantages[keep, None].expand_as(kept))
+    return weighted / num_tokens
 
 
 def batch_seed(seed: int, purpose: int, rank: int, position: int) -> int:
