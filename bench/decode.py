@@ -31,15 +31,21 @@ from llm.tokenizer import Tokenizer
 CLOCK = time.perf_counter
 
 
-def build(depth: int, precision: str = "fp32") -> tuple[GPT, Tokenizer]:
+def random_model(depth: int, vocab_size: int, sequence_len: int, max_chars: int) -> tuple[GPT, Tokenizer]:
+    """A randomly weighted d<depth> GPT and a tokenizer trained on max_chars of the bundled corpus."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        tokenizer = Tokenizer.train(iter_texts(TextSource(), start=100), vocab_size=32768, out_dir=folder,
-                                    max_chars=4_000_000)
-    model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=1024))
+        tokenizer = Tokenizer.train(iter_texts(TextSource(), start=100), vocab_size=vocab_size, out_dir=folder,
+                                    max_chars=max_chars)
+    model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=sequence_len))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p.size(-1) ** -0.5)
+    return model, tokenizer
+
+
+def build(depth: int, precision: str = "fp32") -> tuple[GPT, Tokenizer]:
+    model, tokenizer = random_model(depth, vocab_size=32768, sequence_len=1024, max_chars=4_000_000)
     return for_inference(model, precision), tokenizer
 
 

@@ -16,14 +16,14 @@ Each figure is the best of --repeats steps (the machine may be shared; the best 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
-from llm.data.sources import TextSource, iter_texts
+from decode import random_model  # bench/ is on the path when a script here runs
+
 from llm.engine import Generator
-from llm.model.gpt import GPT, GPTConfig
+from llm.model.gpt import GPT
 from llm.optim.groups import OptimizerConfig, build_optimizer
 from llm.stages.rl import (RolloutSettings, group_advantages, policy_gradient_loss, policy_rows, sample_rollouts,
                            score_rollouts)
@@ -31,18 +31,6 @@ from llm.tasks import build_task
 from llm.tokenizer import Tokenizer
 
 CLOCK = time.perf_counter
-
-
-def build(depth: int) -> tuple[GPT, Tokenizer]:
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = Tokenizer.train(iter_texts(TextSource(), start=100), vocab_size=8192, out_dir=folder,
-                                    max_chars=2_000_000)
-    model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=512))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, p.size(-1) ** -0.5)
-    return model, tokenizer
 
 
 def one_step(model: GPT, tokenizer: Tokenizer, optimizer, conversations, reward, settings: RolloutSettings,
@@ -78,7 +66,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = build(args.depth)
+    model, tokenizer = random_model(args.depth, vocab_size=8192, sequence_len=512, max_chars=2_000_000)
     optimizer = build_optimizer(model, OptimizerConfig())
     task = build_task("arithmetic", "train", size=args.prompts * args.repeats)
     settings = RolloutSettings(num_samples=args.samples, max_new_tokens=args.new, temperature=1.0, top_k=50)
