@@ -73,7 +73,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type=h.device.type, enabled=False):
             w, hc = weight.to(compute_dtype), h.to(compute_dtype)
             # the per-token weights scale rows: apply them to the small operand, not to (N, V)
-            h_scaled = hc * token_weights.to(compute_dtype).unsqueeze(1)
+            scale = token_weights.to(compute_dtype).unsqueeze(1)
+            h_scaled = hc * scale
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(hc)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
@@ -83,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(hc[rows], w.T, out=block[: hc[rows].size(0)])
                 total += (_block_losses_(logits, targets[rows], softcap) * token_weights[rows]).sum()
                 torch.mm(logits, w, out=grad_h[rows])
-                grad_h[rows] *= token_weights[rows].to(compute_dtype).unsqueeze(1)
+                grad_h[rows] *= scale[rows]
                 if compute_dtype == torch.float32:
                     grad_w.addmm_(logits.T, h_scaled[rows])
                 else:  # matmuls accumulate in float32 inside; the blocks' partial sums add up in float32 here
