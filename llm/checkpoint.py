@@ -90,8 +90,10 @@ def read_meta(folder: str | Path) -> dict:
     return yaml.safe_load((Path(folder) / "config.yaml").read_text())
 
 
-def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, config.yaml contents) of a finished artifact folder."""
+def load_artifact(folder: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, config.yaml contents) of a finished artifact folder; the weights
+    in `dtype` (float64 keeps a float64 run's weights exact)."""
     folder = Path(folder)
     if not (folder / "config.yaml").exists():
         raise FileNotFoundError(f"no finished artifact at {folder} (config.yaml missing)")
@@ -100,6 +102,7 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
+    model.to(dtype)
     model.init_weights()  # buffers (rotary tables); the weights come from the file
     state = load_file(str(folder / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import DoublePrecision
 from omegaconf import DictConfig, OmegaConf
 
 from llm import checkpoint
@@ -100,9 +101,15 @@ def accumulation(total_batch_tokens: int, micro_tokens: int) -> int:
 def build_trainer(cfg: DictConfig, folder: Path, callbacks: list) -> L.Trainer:
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     logger = TensorBoardLogger(save_dir=str(log_dir(cfg, folder)), name="tensorboard", version="")
+    plugins = [AtomicCheckpointIO()]
+    if precision == "64-true":
+        # float64 reference runs (the equivalence tests): ModelParallelStrategy refuses the precision
+        # flag but runs the plugin, which turns the model to float64 before FSDP2 shards it
+        plugins.append(DoublePrecision())
+        precision = None
     make_trainer = instantiate(cfg.trainer, _partial_=True, _convert_="all")
     return make_trainer(precision=precision, logger=logger, callbacks=callbacks,
-                        plugins=[AtomicCheckpointIO()], check_val_every_n_epoch=None)
+                        plugins=plugins, check_val_every_n_epoch=None)
 
 
 def run(cfg: DictConfig) -> dict:

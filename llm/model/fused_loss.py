@@ -18,12 +18,17 @@ BLOCK_ROWS = 2048  # rows per logits matmul: big enough for full-speed matmuls, 
 CPU_CHUNK_ROWS = 32  # rows per elementwise pass on CPU: 32 x 32768 float32 = 4 MB, stays in cache
 
 
-class _Workspace:
-    """Float32 scratch rows for the elementwise passes, allocated once per block, not per chunk:
-    on CPU a fresh 1 MB tensor per op costs more than the op itself."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the low-precision compute dtypes; float64 stays float64 (reference runs)."""
+    return torch.promote_types(dtype, torch.float32)
 
-    def __init__(self, rows: int, vocab: int, device: torch.device):
-        self.s, self.z, self.p = (torch.empty(rows, vocab, device=device) for _ in range(3))
+
+class _Workspace:
+    """Scratch rows (float32, or float64 for float64 logits) for the elementwise passes, allocated
+    once per block, not per chunk: on CPU a fresh 1 MB tensor per op costs more than the op itself."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.s, self.z, self.p = (torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(3))
 
 
 def _loss_and_dlogits_(x: torch.Tensor, targets: torch.Tensor, softcap: float | None, ws: _Workspace) -> torch.Tensor:
@@ -34,7 +39,7 @@ def _loss_and_dlogits_(x: torch.Tensor, targets: torch.Tensor, softcap: float | 
     shift, and on CPU sigmoid is about 5x faster than tanh. Its slope 1 - tanh^2 is 4s(1 - s).
     """
     n = x.size(0)
-    s = x if x.dtype == torch.float32 else ws.s[:n].copy_(x)
+    s = x if x.dtype == ws.s.dtype else ws.s[:n].copy_(x)
     if softcap is None:
         z = s
     else:
@@ -61,7 +66,7 @@ def _chunk_rows(x: torch.Tensor) -> int:
 def _block_losses_(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """Per-row losses of a block of logits, which is overwritten with d loss_row / d logits."""
     step = _chunk_rows(logits)
-    ws = _Workspace(min(step, logits.size(0)), logits.size(1), logits.device)
+    ws = _Workspace(min(step, logits.size(0)), logits.size(1), accumulation_dtype(logits.dtype), logits.device)
     return torch.cat([_loss_and_dlogits_(logits[s:s + step], targets[s:s + step], softcap, ws)
                       for s in range(0, logits.size(0), step)])
 
@@ -75,9 +80,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # the per-token weights scale rows: apply them to the small operand, not to (N, V)
             scale = token_weights.to(compute_dtype).unsqueeze(1)
             h_scaled = hc * scale
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            acc = accumulation_dtype(compute_dtype)
+            total = torch.zeros((), dtype=acc, device=h.device)
             grad_h = torch.empty_like(hc)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)
             block = torch.empty(min(BLOCK_ROWS, h.size(0)), w.size(0), dtype=compute_dtype, device=h.device)
             for s in range(0, h.size(0), BLOCK_ROWS):
                 rows = slice(s, s + BLOCK_ROWS)
@@ -85,7 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += (_block_losses_(logits, targets[rows], softcap) * token_weights[rows]).sum()
                 torch.mm(logits, w, out=grad_h[rows])
                 grad_h[rows] *= scale[rows]
-                if compute_dtype == torch.float32:
+                if compute_dtype == acc:
                     grad_w.addmm_(logits.T, h_scaled[rows])
                 else:  # matmuls accumulate in float32 inside; the blocks' partial sums add up in float32 here
                     grad_w += logits.T @ h_scaled[rows]
@@ -125,11 +131,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     shape = targets.shape
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    counted = (targets >= 0).float()
     dtype = _compute_dtype(h)
+    counted = (targets >= 0).to(accumulation_dtype(dtype))
     if reduction == "none":
         return (_token_losses(h, weight, targets, softcap, dtype) * counted).view(shape)
-    token_weights = counted if weights is None else counted * weights.detach().reshape(-1).float()
+    token_weights = counted if weights is None else counted * weights.detach().reshape(-1).to(counted.dtype)
     if reduction == "mean":
         token_weights = token_weights / counted.sum().clamp(min=1)
     return _LinearCrossEntropy.apply(h, weight, targets, token_weights, softcap, dtype)

@@ -262,7 +262,8 @@ class GPT(nn.Module):
         reduction: str = "mean",
         loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32, or the cross-entropy loss when targets are given.
+        """Logits (B, T, vocab) in float32 (float64 for a float64 model), or the cross-entropy loss when
+        targets are given.
 
         With a kv_cache, this chunk's keys/values are appended to it and attention covers everything
         cached; positions continue from the cache (per row, so left-padded rows are right).
@@ -293,7 +294,8 @@ class GPT(nn.Module):
                 # the loss straight from the hidden states, never holding (B, T, vocab) logits
                 return linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap, reduction,
                                             loss_weights)
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64 as computed
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)

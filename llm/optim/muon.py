@@ -8,7 +8,9 @@ Each param group says which rule it follows with `kind`:
 
 Muon (Keller Jordan; as in nanochat): SGD-momentum with Nesterov, then the update is replaced
 by the nearest (semi-)orthogonal matrix, approximated by a quintic Newton-Schulz iteration run
-in bf16, and scaled by sqrt(max(1, rows/cols)).
+in bf16, and scaled by sqrt(max(1, rows/cols)). float64 parameters are the exception: their
+iteration stays in float64, so reference runs (the equivalence tests) compare runs whose summation
+orders differ with rounding far below any tolerance.
 
 Distributed:
 - DDP: every rank already holds the full averaged gradient, so plain per-rank Muon is exact.
@@ -48,7 +50,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     if G.ndim != 2:
         raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G if G.dtype == torch.float64 else G.bfloat16()
     # Iterate on the wide orientation so X @ X.T is the smaller Gram matrix.
     transposed = G.size(0) > G.size(1)
     if transposed:
@@ -85,8 +87,8 @@ class MuonAdamW(torch.optim.Optimizer):
         """fused: torch's fused AdamW kernel, else the single-tensor one. Default: fused on CUDA and
         in a single CPU process, where it is ~7x faster (d4's 17M embedding and head parameters:
         10 ms a step instead of 73 ms). Multi-process CPU runs and FSDP's DTensor shards take the
-        single-tensor kernel: with it 2 CPU ranks reproduce one process to ~1e-5 after several
-        steps, while the fused kernel's rounding drifts ~2e-4 apart (tests/test_optim.py)."""
+        single-tensor kernel, whose rounding does not depend on how a tensor sits in memory (the
+        fused CPU kernel's does, so DDP's bucket views would drift from one process)."""
         self.fused = fused
         param_groups = list(param_groups)
         if not param_groups or not all(isinstance(g, dict) for g in param_groups):
