@@ -9,7 +9,7 @@ does not depend on what the weights say), and a 32768-token tokenizer trained on
 "cache" is Generator.generate (static KV cache, one forward per token for the whole batch);
 "no cache" re-runs the whole sequence through GPT.forward for every new token, as a naive loop would.
 Each figure is the best of --repeats runs (the machine may be shared; the best is the least disturbed).
---precision picks the weights' precision (llm.engine.for_inference): fp32, and auto = bf16-head on a
+--precision picks the weights' precision (llm.generate.engine.for_inference): fp32, and auto = bf16-head on a
 CPU with native bfloat16 (lm_head in bfloat16, the rest float32).
 """
 
@@ -22,8 +22,8 @@ import time
 import torch
 
 from llm.data.sources import TextSource, iter_texts
-from llm.engine import Generator
-from llm.inference import PRECISIONS, for_inference
+from llm.generate.engine import Generator
+from llm.generate.prepare import PRECISIONS, for_inference
 from llm.model.gpt import GPT, GPTConfig
 from llm.tokenizer import Tokenizer
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
-                        help="weights' precision (llm.engine.for_inference); each is benchmarked")
+                        help="weights' precision (llm.generate.engine.for_inference); each is benchmarked")
     parser.add_argument("--no-cache-new", type=int, default=16, help="tokens timed for the (slow) no-cache loop")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this process's CPU time, a steadier estimate on a busy machine (with --threads 1)")

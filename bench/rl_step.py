@@ -22,7 +22,7 @@ import torch
 
 from decode import random_model  # bench/ is on the path when a script here runs
 
-from llm.engine import Generator
+from llm.generate.engine import Generator
 from llm.model.gpt import GPT
 from llm.optim.groups import OptimizerConfig, build_optimizer
 from llm.stages.rl import (RolloutSettings, group_advantages, policy_gradient_loss, policy_rows, sample_rollouts,

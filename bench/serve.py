@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import build  # noqa: E402  (the decode benchmark's model and tokenizer)
 from tiny_chat import free_port, start_server, stop_server  # noqa: E402
 
-from llm.checkpoint import save_artifact  # noqa: E402
+from llm.artifact import save_artifact  # noqa: E402
 
 
 def one_request(port: int, text: str, max_tokens: int) -> tuple[float, float, int]:

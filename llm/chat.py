@@ -15,10 +15,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from llm.checkpoint import load_artifact, resolve_artifact
+from llm.artifact import load_artifact, resolve_artifact
 from llm.config import absolute
-from llm.engine import Generator, TextStream
-from llm.inference import for_inference
+from llm.generate.engine import Generator, TextStream
+from llm.generate.prepare import for_inference
 
 
 class ChatSession:

@@ -20,7 +20,7 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
-from llm.checkpoint import load_artifact, resolve_artifact, update_metrics
+from llm.artifact import load_artifact, resolve_artifact, update_metrics
 from llm.config import absolute, resolve_precision
 from llm.evaluate.generative import GenerationSettings, SandboxSettings
 from llm.evaluate.record import eval_section, merge_eval

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.config import absolute
-from llm.evaluate.report_card import write_report
+from llm.reporting.report_card import write_report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")

@@ -25,7 +25,7 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
-from llm.tasks.conversation import Conversation, content_parts, validate_conversation
+from llm.conversation import Conversation, content_parts, validate_conversation
 
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import DoublePrecision
 from omegaconf import DictConfig, OmegaConf
 
-from llm import checkpoint
+from llm import artifact
 from llm.config import absolute, resolve_precision
 from llm.model.gpt import GPT, GPTConfig
 from llm.stages.checkpoint_io import AtomicCheckpointIO
@@ -64,9 +64,9 @@ def initial_state(cfg: DictConfig, config: GPTConfig, tokenizer: Tokenizer) -> d
     """Weights of the artifact named by stage.init_from, after checking it fits this run."""
     if not cfg.stage.get("init_from"):
         return None
-    folder = checkpoint.resolve_artifact(cfg.stage.init_from, absolute(cfg.paths.artifacts))
-    checkpoint.check_init_compatible(folder, config, tokenizer)
-    model, _, _ = checkpoint.load_artifact(folder)
+    folder = artifact.resolve_artifact(cfg.stage.init_from, absolute(cfg.paths.artifacts))
+    artifact.check_init_compatible(folder, config, tokenizer)
+    model, _, _ = artifact.load_artifact(folder)
     return model.state_dict()
 
 
@@ -160,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         extra = {"init_from": cfg.stage.get("init_from"), "config": OmegaConf.to_container(cfg, resolve=True),
                  "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []}
-        checkpoint.save_artifact(folder, state, config, tokenizer, cfg.stage.name, metrics, extra)
+        artifact.save_artifact(folder, state, config, tokenizer, cfg.stage.name, metrics, extra)
         print(f"{cfg.stage.name} artifact: {folder}  " + "  ".join(
             f"{k}={metrics[k]:.4f}" for k in ("train_loss", "val_bpb") if k in metrics))
     return metrics

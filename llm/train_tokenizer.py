@@ -14,7 +14,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llm.checkpoint import write_json
+from llm.artifact import write_json
 from llm.config import absolute
 from llm.data.sources import TextSource, iter_texts
 from llm.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ import pydoc_data.topics
 import torch
 import torch.nn as nn
 
-from llm.checkpoint import save_artifact
+from llm.artifact import save_artifact
 from llm.model.gpt import GPT, GPTConfig
 from llm.tokenizer import Tokenizer
 

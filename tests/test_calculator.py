@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from llm import calculator
-from llm.calculator import calculate
+from llm.generate import calculator
+from llm.generate.calculator import calculate
 
 
 @pytest.mark.parametrize("expr, expected", [

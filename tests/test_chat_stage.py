@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from llm import checkpoint
-from llm.evaluate.curves import read_scalars
+from llm import artifact
+from llm.reporting.curves import read_scalars
 from llm.model.gpt import GPT
 from llm.optim.groups import OptimizerConfig
 from llm.stages.chat import ChatModule
@@ -44,7 +44,7 @@ def save_stage(stage: str, artifacts: Path, tokenizer: Tokenizer, overrides: lis
         for p in model.parameters():
             p.normal_(0, 0.05)
     state = model.state_dict()
-    checkpoint.save_artifact(artifacts / stage, state, config, tokenizer, stage, {})
+    artifact.save_artifact(artifacts / stage, state, config, tokenizer, stage, {})
     return state
 
 
@@ -53,7 +53,7 @@ def test_sft_starts_from_the_mid_artifact(tmp_path, tokenizer, tokenizer_dir):
         f"optimizer.{lr}=0" for lr in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")))
     mid = save_stage("mid", tmp_path, tokenizer, overrides)
     metrics = run(compose_config("train", overrides))
-    sft, _, meta = checkpoint.load_artifact(tmp_path / "sft")
+    sft, _, meta = artifact.load_artifact(tmp_path / "sft")
     assert meta["init_from"] == "mid" and metrics["steps"] == 1
     for name, tensor in sft.state_dict().items():  # zero learning rates: the weights are mid's
         torch.testing.assert_close(tensor, mid[name], msg=name)
@@ -83,7 +83,7 @@ def direct_val_loss(folder: Path, datamodule_overrides: list[str], tokenizer_dir
     """Loss and token accuracy of the saved model on the first val batches, computed by hand."""
     cfg = compose_config("train", datamodule_overrides)
     dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), _convert_="all")
-    model, _, _ = checkpoint.load_artifact(folder)
+    model, _, _ = artifact.load_artifact(folder)
     losses, hits = [], []
     for batch, _ in zip(dm.val_batches(), range(batches)):
         with torch.no_grad():
@@ -110,7 +110,7 @@ def test_mid_trains_on_assistant_tokens_for_one_epoch(tmp_path, tokenizer, token
     assert saved["val_loss"] == pytest.approx(loss, rel=1e-4)
     assert saved["val_token_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert 0 < saved["val_bpb"] and 0 < accuracy < 1
-    assert checkpoint.read_meta(tmp_path / "mid")["init_from"] == "base"
+    assert artifact.read_meta(tmp_path / "mid")["init_from"] == "base"
 
 
 def test_sft_learning_rates_are_scaled(tmp_path, tokenizer, tokenizer_dir):

@@ -10,11 +10,11 @@ from collections import deque
 import pytest
 import torch
 
-from llm import engine
+from llm.generate import engine
 from llm.chat import ChatSession
-from llm.checkpoint import load_artifact
-from llm.engine import DecodeBatch, Generator, Sampling, TextStream
-from llm.inference import for_inference
+from llm.artifact import load_artifact
+from llm.generate.engine import DecodeBatch, Generator, Sampling, TextStream
+from llm.generate.prepare import for_inference
 from llm.model.gpt import GPT, GPTConfig
 from tiny_chat import REPO, make_artifact
 

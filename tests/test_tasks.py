@@ -10,7 +10,7 @@ import pytest
 from llm.tasks import HubUnavailableError, TaskMixture, build_mixture, build_task, extract_answer, numbers_equal
 from llm.tasks.arc import ARC
 from llm.tasks.arithmetic import Arithmetic
-from llm.tasks.conversation import prompt_of, text_of, validate_conversation
+from llm.conversation import prompt_of, text_of, validate_conversation
 from llm.tasks.customjson import CustomJSON
 from llm.tasks.gsm8k import GSM8K, VENDORED_DIR, answer_to_parts, parts_to_answer
 from llm.tasks.hub import FIXTURES_DIR, fixture_path, load_rows

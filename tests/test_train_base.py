@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import compose_config
-from llm.checkpoint import load_artifact
-from llm.evaluate.curves import read_scalars
+from llm.artifact import load_artifact
+from llm.reporting.curves import read_scalars
 from llm.train import run
 
 REPO = Path(__file__).resolve().parents[1]

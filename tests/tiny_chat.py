@@ -19,7 +19,7 @@ from pathlib import Path
 import pydoc_data.topics
 import torch
 
-from llm.checkpoint import save_artifact
+from llm.artifact import save_artifact
 from llm.model.gpt import GPT, GPTConfig
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer
 

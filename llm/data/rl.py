@@ -23,7 +23,7 @@ import torch
 
 from llm.data.chat import ChatBatches, ChatDataModule
 from llm.tasks import Task
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 from llm.tokenizer import Tokenizer
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from llm.evaluate.results import MC_CHANCE, Accuracy, TaskResult
 from llm.evaluate.sharding import Shard
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 from llm.tokenizer import Tokenizer
 
 

@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from llm.checkpoint import load_artifact, resolve_artifact
+from llm.artifact import load_artifact, resolve_artifact
 from llm.config import absolute  # also registers the resolvers the configs use
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")

@@ -7,7 +7,7 @@ With num_samples > 1 a problem counts as solved when any sample is right (pass@k
 A completion is read as display text: it ends at <|assistant_end|> (or <|bos|>), and a tool call
 shows in GSM8K's own notation, `<<expr=result>>`, so "... <<48/2=24>>24 ... #### 72" is checked the
 way GSM8K's references are. HumanEval completions are programs: they run in the execution sandbox
-(llm.execution), several at a time in threads, and a failure of any kind (wrong answer, crash,
+(llm.evaluate.sandbox), several at a time in threads, and a failure of any kind (wrong answer, crash,
 timeout, memory, forbidden syscall) is just a failed problem.
 """
 
@@ -20,9 +20,9 @@ from typing import Protocol
 
 from llm.evaluate.results import Accuracy, TaskResult
 from llm.evaluate.sharding import Shard
-from llm.execution import run_program
+from llm.evaluate.sandbox import run_program
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 from llm.tasks.humaneval import HumanEval
 from llm.tokenizer import Tokenizer
 
@@ -32,7 +32,7 @@ STOP_TOKENS = ("assistant_end", "bos")
 
 
 class BatchGenerator(Protocol):
-    """What the evaluator needs of llm.engine.Generator."""
+    """What the evaluator needs of llm.generate.engine.Generator."""
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1,
                        **kwargs) -> list[tuple[list[int], list[bool]]]: ...

@@ -166,7 +166,7 @@ def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, s
                 results.tasks[name] = evaluate_categorical(model, tokenizer, task, settings.batch_size, shard, progress)
             else:
                 if generator is None:
-                    from llm.engine import Generator
+                    from llm.generate.engine import Generator
                     generator = Generator(model, tokenizer)
                 results.tasks[name] = evaluate_generative(generator, tokenizer, task, settings.batch_size, shard,
                                                           settings.generation, settings.sandbox, progress)

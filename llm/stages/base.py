@@ -102,7 +102,7 @@ class PretrainModule(L.LightningModule):
         """Greedy continuations of the sample prompts, printed and logged to TensorBoard."""
         if self.device_mesh is not None:
             return  # sharded parameters: sampling needs every rank in lockstep; skipped under FSDP
-        from llm.engine import Generator
+        from llm.generate.engine import Generator
         prompts = [self.tokenizer.encode(p, prepend_bos=True) for p in self.sample_prompts]
         was_training = self.model.training
         self.model.eval()

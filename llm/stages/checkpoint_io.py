@@ -7,7 +7,7 @@ from pathlib import Path
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from llm.checkpoint import atomic_path
+from llm.artifact import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

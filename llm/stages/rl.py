@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
-from llm.engine import Generator
+from llm.generate.engine import Generator
 from llm.evaluate.generative import completion_text
 from llm.model.gpt import GPTConfig
 from llm.optim.groups import OptimizerConfig
 from llm.stages.base import PretrainModule
 from llm.stages.chat import scale_learning_rates
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 from llm.tokenizer import Tokenizer
 
 SOLVED = 1.0  # a sample counts as solved (pass@k) when its reward reaches full credit

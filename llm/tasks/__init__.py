@@ -1,5 +1,5 @@
 """
-Chat tasks: datasets of conversations (llm.tasks.conversation) with their scoring.
+Chat tasks: datasets of conversations (llm.conversation) with their scoring.
 
     from llm.tasks import build_task, build_mixture
     task = build_task("gsm8k", "test")          # real GSM8K, shipped with the package
@@ -9,7 +9,7 @@ Chat tasks: datasets of conversations (llm.tasks.conversation) with their scorin
 
 from llm.tasks.answers import extract_answer, numbers_equal
 from llm.tasks.base import Task, TaskMixture
-from llm.tasks.conversation import prompt_of, validate_conversation
+from llm.conversation import prompt_of, validate_conversation
 from llm.tasks.hub import HubUnavailableError, fixture_path
 from llm.tasks.registry import TASKS, build_mixture, build_task
 

@@ -8,7 +8,7 @@ falls back to the last number in the text. Answers compare numerically ("72.0" =
 import math
 import re
 
-from llm.tasks.conversation import Conversation, last_assistant, text_of
+from llm.conversation import Conversation, last_assistant, text_of
 
 # a number: thousands groups "1,080" (only groups of exactly three digits) or plain "-12.5"
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"

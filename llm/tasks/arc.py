@@ -6,7 +6,7 @@ Row schema: {"id", "question", "choices": {"text": [...], "label": [...]}, "answ
 usually A-E but a few rows use 1-4; as in nanochat, the row's own labels are its letters.
 """
 
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 from llm.tasks.hub import DataFiles, load_rows
 from llm.tasks.multiple_choice import MultipleChoiceTask, mc_conversation
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from llm.tasks.answers import is_correct
 from llm.tasks.base import LazyExamples, Task
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 
 EvalType = Literal["categorical", "generative"] | None
 
@@ -64,7 +64,7 @@ class Task:
         raise NotImplementedError
 
     def to_conversation(self, example: Any) -> Conversation:
-        """One raw example as a conversation (see llm.tasks.conversation)."""
+        """One raw example as a conversation (see llm.conversation)."""
         raise NotImplementedError
 
     def check(self, conversation: Conversation, answer: str) -> bool:

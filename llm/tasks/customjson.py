@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation, validate_conversation
+from llm.conversation import Conversation, validate_conversation
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:

@@ -22,7 +22,7 @@ import re
 
 from llm.tasks.answers import extract_answer, is_correct  # noqa: F401  (extract_answer is part of this module's API)
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation, Part
+from llm.conversation import Conversation, Part
 from llm.tasks.hub import DATA_DIR, DataFiles, load_rows
 
 VENDORED_DIR = DATA_DIR / "gsm8k"

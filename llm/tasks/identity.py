@@ -8,7 +8,7 @@ Any other JSONL (same format as CustomJSON) can be given as `path`.
 
 from pathlib import Path
 
-from llm.tasks.conversation import Conversation, content_parts
+from llm.conversation import Conversation, content_parts
 from llm.tasks.customjson import CustomJSON
 from llm.tasks.hub import DATA_DIR
 

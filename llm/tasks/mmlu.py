@@ -7,7 +7,7 @@ subset (~100K rows used for mid-training) wraps each row as {"train": {...}} on 
 wrapped and the flat form are accepted.
 """
 
-from llm.tasks.conversation import Conversation
+from llm.conversation import Conversation
 from llm.tasks.hub import DataFiles, load_rows
 from llm.tasks.multiple_choice import MultipleChoiceTask, mc_conversation
 

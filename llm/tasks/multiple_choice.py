@@ -8,7 +8,7 @@ The evaluator compares the model's logits for the choice letters only, so a conv
 from collections.abc import Sequence
 
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation, last_assistant, text_of
+from llm.conversation import Conversation, last_assistant, text_of
 
 
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:

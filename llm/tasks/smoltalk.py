@@ -7,7 +7,7 @@ Train-only in the sense of scoring: it has no right answer, so eval_type is None
 """
 
 from llm.tasks.base import Task
-from llm.tasks.conversation import Conversation, validate_conversation
+from llm.conversation import Conversation, validate_conversation
 from llm.tasks.hub import DataFiles, load_rows
 
 

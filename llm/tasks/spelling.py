@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llm.tasks.answers import is_correct
 from llm.tasks.base import LazyExamples, Task
-from llm.tasks.conversation import Conversation, last_assistant, text_of
+from llm.conversation import Conversation, last_assistant, text_of
 from llm.tasks.hub import DATA_DIR
 
 WORDS_PATH = DATA_DIR / "words.txt"

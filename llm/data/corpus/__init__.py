@@ -1,6 +1,6 @@
 """The pretraining corpus bundled with the package: real English text, one gzipped JSON-lines
 file per source ({"text": ..., "source": ...} per line). See README.md beside this file for
-provenance and licenses, and llm/data/build_corpus.py for how the files are rebuilt."""
+provenance and licenses, and dev/build_corpus.py for how the files are rebuilt."""
 
 from pathlib import Path
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from llm.checkpoint import STAGES
-from llm.evaluate.environment import environment
-from llm.evaluate.plots import plot_curves, stage_curves
+from llm.artifact import STAGES
+from llm.reporting.environment import environment
+from llm.reporting.plots import plot_curves, stage_curves
 
 MISSING = "—"
 CURVE_TAGS = ("train/loss", "val/bpb", "val/loss", "val/token_accuracy")
@@ -208,7 +208,7 @@ def render_report(artifacts: str | Path, out: str | Path, stages: Sequence[str] 
 
 def write_report(artifacts: str | Path, out: str | Path, stages: Sequence[str] = STAGES,
                  curve_tags: Sequence[str] = CURVE_TAGS) -> Path:
-    from llm.checkpoint import atomic_path
+    from llm.artifact import atomic_path
 
     text = render_report(artifacts, out, stages, curve_tags)
     with atomic_path(out) as tmp:

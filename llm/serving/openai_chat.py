@@ -27,8 +27,8 @@ from litserve.specs.openai import (ChatCompletionRequest, ChatCompletionResponse
                                    OpenAISpec, UsageInfo)
 from litserve.utils import LitAPIStatus, PickleableHTTPException, ResponseBufferItem
 
-from llm.checkpoint import read_meta
-from llm.engine import Sampling
+from llm.artifact import read_meta
+from llm.generate.engine import Sampling
 from llm.tokenizer import Tokenizer
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from llm.evaluate.curves import read_scalars
+from llm.reporting.curves import read_scalars
 
 
 def stage_curves(tensorboard_dir: str | Path, tags: Sequence[str]) -> dict[str, dict[int, float]]:

@@ -9,7 +9,7 @@ One decoding core serves the CLI, evaluation, RL rollouts and the server:
     Generator     the user-facing API: generate() streams steps, generate_batch() collects them,
                   complete() is text in, text out.
 
-Text: every row carries a TextStream (llm/text_stream.py) that turns its tokens into display text
+Text: every row carries a TextStream (llm/generate/text_stream.py) that turns its tokens into display text
 and detects stop strings.
 
 Rows keep the prompt's last token out of the prefill and feed it in the first step, so a new
@@ -20,7 +20,7 @@ without them, so long-running rows don't pay for dead ones.
 A row stops at assistant_end or bos (the stop token is yielded and kept in the ids), at a stop
 string (TextStream sees it in the display text), or after max_tokens tokens (forced ones count).
 Tool use: the tokens between python_start and python_end are decoded and run by `tool`
-(llm.calculator.calculate by default, which answers "Error: ..." on refused input); its answer is
+(llm.generate.calculator.calculate by default, which answers "Error: ..." on refused input); its answer is
 forced in as output_start + text + output_end, one token per step, marked forced.
 """
 
@@ -33,11 +33,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from llm.calculator import calculate
-from llm.inference import DecodeHead
+from llm.generate.calculator import calculate
+from llm.generate.prepare import DecodeHead
 from llm.model.gpt import GPT
 from llm.model.kv_cache import KVCache
-from llm.text_stream import TextStream, display_pieces
+from llm.generate.text_stream import TextStream, display_pieces
 from llm.tokenizer import Tokenizer
 
 STOP_TOKENS = ("assistant_end", "bos")

@@ -1,7 +1,7 @@
 """Build the bundled pretraining corpus (llm/data/corpus/*.jsonl.gz) from text installed offline.
 
     apt-get install python3-doc wordnet-base sword-text-web jargon-text dict-devil
-    python -m llm.data.build_corpus            # rewrites llm/data/corpus/
+    python dev/build_corpus.py            # rewrites llm/data/corpus/
 
 Every source is real, public-domain or permissively licensed English installed by a Debian
 package (see corpus/README.md for provenance and licenses). Each source yields coherent
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-CORPUS_DIR = Path(__file__).parent / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[1] / "llm" / "data" / "corpus"
 SEED = 1234
 MAX_DOC_CHARS = 20_000
 MIN_DOC_CHARS = 200
