@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
 from decode import random_model  # bench/ is on the path when a script here runs
 
 from llm.generate.engine import Generator
+from llm.generate.sampling import Sampling
 from llm.model.gpt import GPT
 from llm.optim.groups import OptimizerConfig, build_optimizer
-from llm.stages.rl import (RolloutSettings, group_advantages, policy_gradient_loss, policy_rows, sample_rollouts,
+from llm.stages.rl import (group_advantages, policy_gradient_loss, policy_rows, sample_rollouts,
                            score_rollouts)
 from llm.tasks import build_task
 from llm.tokenizer import Tokenizer
@@ -33,12 +35,12 @@ from llm.tokenizer import Tokenizer
 CLOCK = time.perf_counter
 
 
-def one_step(model: GPT, tokenizer: Tokenizer, optimizer, conversations, reward, settings: RolloutSettings,
+def one_step(model: GPT, tokenizer: Tokenizer, optimizer, conversations, reward, settings: Sampling,
              seed: int) -> dict[str, float]:
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     model.eval()
     t0 = CLOCK()
-    rollouts = sample_rollouts(Generator(model, tokenizer), prompts, settings, seed)
+    rollouts = sample_rollouts(Generator(model, tokenizer), prompts, replace(settings, seed=seed))
     t1 = CLOCK()
     rewards = score_rollouts(tokenizer, rollouts, conversations, reward)
     t2 = CLOCK()
@@ -69,7 +71,7 @@ def main() -> None:
     model, tokenizer = random_model(args.depth, vocab_size=8192, sequence_len=512, max_chars=2_000_000)
     optimizer = build_optimizer(model, OptimizerConfig())
     task = build_task("arithmetic", "train", size=args.prompts * args.repeats)
-    settings = RolloutSettings(num_samples=args.samples, max_new_tokens=args.new, temperature=1.0, top_k=50)
+    settings = Sampling(num_samples=args.samples, max_tokens=args.new, temperature=1.0, top_k=50)
     print(f"d{args.depth} ({model.num_params() / 1e6:.1f}M params), {args.prompts} prompts x {args.samples} samples, "
           f"{args.new} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}")
     runs = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 import hydra
 import torch
@@ -17,14 +18,16 @@ from omegaconf import DictConfig
 
 from llm.artifact import load_artifact, resolve_artifact
 from llm.config import absolute
-from llm.generate.engine import Generator, TextStream
+from llm.generate.engine import Generator
 from llm.generate.prepare import for_inference
+from llm.generate.sampling import Sampling, fit_to_context
+from llm.generate.text_stream import TextStream
 
 
 class ChatSession:
     """A conversation with one model: reply(user_text) streams the answer and remembers both turns."""
 
-    def __init__(self, generator: Generator, sampling: dict, system: str | None = None):
+    def __init__(self, generator: Generator, sampling: Sampling, system: str | None = None):
         self.gen, self.sampling, self.system = generator, sampling, system
         self.messages: list[dict] = []
         self.clear()
@@ -36,15 +39,15 @@ class ChatSession:
         """Stream the answer to `user_text` through write(); return its full display text."""
         messages = [*self.messages, {"role": "user", "content": user_text}]
         prompt = self.gen.tokenizer.render_for_completion({"messages": messages})
-        room = self.gen.context - len(prompt)
-        if room < 1:
+        max_tokens = fit_to_context(self.sampling.max_tokens, len(prompt), self.gen.context)
+        if max_tokens < 1:
             raise ValueError(f"the conversation is {len(prompt)} tokens, the model's context is {self.gen.context}: "
                              f"type 'clear' to start a new one")
-        max_tokens = min(self.sampling["max_tokens"], room)  # a long chat gets shorter answers, not an error
         text = TextStream(self.gen.pieces)
         tokens: list[int] = []
         shown: list[str] = []
-        for step in self.gen.generate([prompt], **{**self.sampling, "max_tokens": max_tokens}):
+        # a long chat gets shorter answers, not an error
+        for step in self.gen.generate([prompt], replace(self.sampling, max_tokens=max_tokens)):
             for t in step:
                 tokens.append(t.token)
                 text.push(t.token)
@@ -58,9 +61,9 @@ class ChatSession:
         return "".join(shown)
 
 
-def sampling_args(cfg: DictConfig) -> dict:
-    return {"max_tokens": int(cfg.max_tokens), "temperature": float(cfg.temperature), "top_k": cfg.top_k,
-            "top_p": cfg.top_p, "seed": cfg.seed}
+def sampling(cfg: DictConfig) -> Sampling:
+    return Sampling(max_tokens=cfg.max_tokens, temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p,
+                    seed=cfg.seed)
 
 
 def load_generator(cfg: DictConfig) -> Generator:
@@ -104,7 +107,7 @@ def interactive(session: ChatSession) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="chat")
 def main(cfg: DictConfig) -> None:
-    session = ChatSession(load_generator(cfg), sampling_args(cfg), cfg.system)
+    session = ChatSession(load_generator(cfg), sampling(cfg), cfg.system)
     if cfg.prompt is not None:
         session.reply(str(cfg.prompt), write_out)
         print()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.artifact import load_artifact, resolve_artifact, update_metrics
 from llm.config import absolute, resolve_precision
-from llm.evaluate.generative import GenerationSettings, SandboxSettings
+from llm.evaluate.generative import SandboxSettings
 from llm.evaluate.record import eval_section, merge_eval
 from llm.evaluate.sharding import Shard
 from llm.evaluate.suite import CoreSettings, HeldoutSettings, SuiteResults, SuiteSettings, default_tasks, run_suite
@@ -55,7 +55,7 @@ def suite_settings(cfg: DictConfig, stage: str) -> SuiteSettings:
         tasks=task_list(cfg, stage),
         max_per_task=cfg.max_per_task,
         batch_size=int(cfg.batch_size),
-        generation=GenerationSettings(**container(cfg.generation, resolve=True)),
+        generation=instantiate(cfg.generation, _convert_="all"),
         sandbox=SandboxSettings(**container(cfg.sandbox, resolve=True)),
         heldout=HeldoutSettings(instantiate(cfg.data.source), int(cfg.data.val_docs), cfg.heldout.max_tokens),
         core=CoreSettings(cfg.core.bundle, None if core_tasks is None else list(container(core_tasks))),

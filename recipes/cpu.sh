@@ -12,7 +12,7 @@ python -m llm.train stage=base experiment=cpu_demo
 python -m llm.train stage=mid experiment=cpu_demo trainer.max_steps=100
 python -m llm.train stage=sft experiment=cpu_demo trainer.max_steps=100
 python -m llm.train stage=rl experiment=cpu_demo data=rl_arith trainer.max_steps=30 \
-    stage.module.max_new_tokens=64 stage.module.lr_scale=0.2
+    stage.module.sampling.max_tokens=64 stage.module.lr_scale=0.2
 
 # offline, ARC and MMLU use the rows shipped with the package; GSM8K is the real test set
 offline="task_options.arc_easy.source=fixture task_options.arc_challenge.source=fixture task_options.mmlu.source=fixture"

@@ -98,14 +98,14 @@ class OracleModel(nn.Module):
 class ScriptedGenerator:
     """Generator.generate_batch's signature; answers each prompt with `reply(prompt_ids) -> token ids`."""
 
-    def __init__(self, reply: Callable[[list[int]], list[int]]):
-        self.reply, self.calls = reply, []
+    def __init__(self, reply: Callable[[list[int]], list[int]], context: int = 10**9):
+        self.reply, self.context, self.calls = reply, context, []
 
-    def generate_batch(self, prompts, num_samples=1, **kwargs):
-        self.calls.append((len(prompts), kwargs))
+    def generate_batch(self, prompts, sampling):
+        self.calls.append((len(prompts), sampling))
         out = []
         for p in prompts:
-            for _ in range(num_samples):
-                ids = self.reply(list(p))[: kwargs.get("max_tokens", 10**9)]
+            for _ in range(sampling.num_samples):
+                ids = self.reply(list(p))[: sampling.max_tokens]
                 out.append((ids, [False] * len(ids)))
         return out

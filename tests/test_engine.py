@@ -13,7 +13,9 @@ import torch
 from llm.generate import engine
 from llm.chat import ChatSession
 from llm.artifact import load_artifact
-from llm.generate.engine import DecodeBatch, Generator, Sampling, TextStream
+from llm.generate.engine import DecodeBatch, Generator
+from llm.generate.sampling import Sampling
+from llm.generate.text_stream import TextStream
 from llm.generate.prepare import for_inference
 from llm.model.gpt import GPT, GPTConfig
 from tiny_chat import REPO, make_artifact
@@ -180,12 +182,13 @@ def test_prompt_too_long_for_the_context_is_a_clear_error(gen, prompts):
     with pytest.raises(ValueError, match=f"exceeds the model's context of {context} tokens"):
         gen.generate([prompts[0]], max_tokens=context)
     with pytest.raises(ValueError, match="non-empty list of token ids"):
-        gen.generate([[]])
+        gen.generate([[]], max_tokens=4)
     with pytest.raises(ValueError, match="invalid token ids"):
-        gen.generate([[10**6]])
-    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(max_tokens=0), dict(num_samples=0)):
+        gen.generate([[10**6]], max_tokens=4)
+    for bad in (dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=0),
+                dict(max_tokens=0), dict(num_samples=0), dict(seed=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            gen.generate([prompts[0]], **bad)
+            gen.generate([prompts[0]], **{"max_tokens": 4, **bad})
 
 
 def test_stop_strings_cut_the_text_and_stop_the_row(gen, prompts):
@@ -284,12 +287,12 @@ def chat_cli(artifact, *args, stdin: str = "") -> str:
 
 
 def test_chat_cli_answers_one_prompt_and_exits(gen, artifact):
-    expected = ChatSession(gen, dict(max_tokens=12, temperature=0)).reply("What is a list?", lambda s: None)
+    expected = ChatSession(gen, Sampling(max_tokens=12, temperature=0)).reply("What is a list?", lambda s: None)
     assert chat_cli(artifact, "prompt=What is a list?") == expected + "\n"
 
 
 def test_chat_cli_keeps_the_conversation_until_cleared(gen, artifact):
-    session = ChatSession(gen, dict(max_tokens=12, temperature=0))
+    session = ChatSession(gen, Sampling(max_tokens=12, temperature=0))
     first = session.reply("hello", lambda s: None)
     second = session.reply("and then?", lambda s: None)
     assert second != first  # the history changed the prompt

@@ -5,14 +5,24 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from eval_support import ScriptedGenerator, make_model, make_tokenizer
-from llm.evaluate.generative import (GenerationSettings, SandboxSettings, completion_text, evaluate_generative)
+from llm.evaluate.generative import SandboxSettings, evaluate_generative
+from llm.generate.sampling import Sampling
+from llm.generate.text_stream import completion_text
 from llm.tasks import build_task
 from llm.tasks.gsm8k import GSM8K, read_vendored
 from llm.tasks.humaneval import HumanEval
+
+GREEDY = Sampling(max_tokens=512, temperature=0.0, top_k=50, seed=42)  # conf/eval.yaml's generation on a GPU
+SANDBOX = SandboxSettings(timeout_s=5.0, memory_mb=1024, workers=4)
+
+
+def evaluate(generator, tokenizer, task, sampling=GREEDY, sandbox=SANDBOX, **kwargs):
+    return evaluate_generative(generator, tokenizer, task, sampling, sandbox, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +68,9 @@ def test_gsm8k_real_references_extract_and_score():
 def test_gsm8k_through_the_evaluator_with_tool_calls(tokenizer):
     task = GSM8K("test")[:12]
     perfect = replies_by_prompt(tokenizer, task, lambda c: reference_reply(tokenizer, c))
-    result = evaluate_generative(perfect, tokenizer, task, batch_size=5, progress=False)
+    result = evaluate(perfect, tokenizer, task, batch_size=5, progress=False)
     assert (result.correct, result.total, result.chance) == (12, 12, 0.0)
-    assert perfect.calls and all(kw["temperature"] == 0.0 and kw["max_tokens"] == 512 for _, kw in perfect.calls)
+    assert perfect.calls and all(s.temperature == 0.0 and s.max_tokens == 512 for _, s in perfect.calls)
 
     def answer(c):
         return c["messages"][-1]["content"][-1]["text"].split("####")[1].strip()
@@ -69,17 +79,17 @@ def test_gsm8k_through_the_evaluator_with_tool_calls(tokenizer):
         return int(answer(c).replace(",", ""))
 
     off_by_one = replies_by_prompt(tokenizer, task, lambda c: f"Let me think.\n#### {number(c) + 1}")
-    assert evaluate_generative(off_by_one, tokenizer, task, progress=False).correct == 0
+    assert evaluate(off_by_one, tokenizer, task, progress=False).correct == 0
     # model-style answers: no "####", the last number counts; a "$" and thousands commas are fine
     chatty = replies_by_prompt(tokenizer, task, lambda c: f"So the total is ${number(c):,}.")
-    assert evaluate_generative(chatty, tokenizer, task, progress=False).correct == 12
+    assert evaluate(chatty, tokenizer, task, progress=False).correct == 12
 
     def tool_then_wrong(c):  # the right number only inside the tool output, then a wrong final answer
         sid = tokenizer.special_id
         return ([sid("python_start")] + tokenizer.encode("1+1") + [sid("python_end"), sid("output_start")]
                 + tokenizer.encode(answer(c)) + [sid("output_end")] + tokenizer.encode(" so #### 0.5")
                 + [sid("assistant_end")])
-    assert evaluate_generative(replies_by_prompt(tokenizer, task, tool_then_wrong), tokenizer, task,
+    assert evaluate(replies_by_prompt(tokenizer, task, tool_then_wrong), tokenizer, task,
                                progress=False).correct == 0
 
 
@@ -89,8 +99,8 @@ def test_pass_at_k_counts_a_problem_solved_by_any_sample(tokenizer):
     turn = itertools.count()
     # every even-numbered call is wrong, every odd one right: with 2 samples each problem gets one of each
     generator = ScriptedGenerator(lambda p: answers[tuple(p)] if next(turn) % 2 else tokenizer.encode("#### -1"))
-    one = evaluate_generative(generator, tokenizer, task, settings=GenerationSettings(num_samples=1), progress=False)
-    two = evaluate_generative(generator, tokenizer, task, settings=GenerationSettings(num_samples=2), progress=False)
+    one = evaluate(generator, tokenizer, task, sampling=GREEDY, progress=False)
+    two = evaluate(generator, tokenizer, task, sampling=replace(GREEDY, num_samples=2), progress=False)
     assert one.correct < 3 and two.correct == 3
 
 
@@ -98,11 +108,11 @@ def test_prompts_longer_than_the_context_fail_without_generating(tokenizer):
     task = GSM8K("test")[:3]
     generator = ScriptedGenerator(lambda p: tokenizer.encode("#### 1"))
     generator.context = 16  # every GSM8K prompt is longer
-    result = evaluate_generative(generator, tokenizer, task, progress=False)
+    result = evaluate(generator, tokenizer, task, progress=False)
     assert (result.correct, result.total) == (0, 3) and generator.calls == []
     generator.context = 10_000
-    evaluate_generative(generator, tokenizer, task, settings=GenerationSettings(max_tokens=64), progress=False)
-    assert all(kw["max_tokens"] == 64 for _, kw in generator.calls)
+    evaluate(generator, tokenizer, task, sampling=replace(GREEDY, max_tokens=64), progress=False)
+    assert all(sampling.max_tokens == 64 for _, sampling in generator.calls)
 
 
 def test_humaneval_evaluator_runs_programs_in_the_sandbox_and_carries_on(tokenizer):
@@ -125,7 +135,7 @@ def test_humaneval_evaluator_runs_programs_in_the_sandbox_and_carries_on(tokeniz
         }[number]
 
     generator = replies_by_prompt(tokenizer, task, reply)
-    result = evaluate_generative(generator, tokenizer, task, batch_size=3, progress=False,
+    result = evaluate(generator, tokenizer, task, batch_size=3, progress=False,
                                  sandbox=SandboxSettings(timeout_s=3, memory_mb=512, workers=4))
     assert (result.correct, result.total) == (3, 8)  # 0, 4 and 7: the evaluator carried on past the failures
     assert not os.path.exists(escape)
@@ -135,7 +145,7 @@ def test_off_by_one_fails_where_the_canonical_solution_passes(tokenizer):
     task = HumanEval(shuffle_seed=None)[23:24]  # strlen
     assert task[0]["entry_point"] == "strlen"
     for body, solved in (("    return len(string)\n", 1), ("    return len(string) + 1\n", 0)):
-        result = evaluate_generative(replies_by_prompt(tokenizer, task, lambda c: body), tokenizer, task,
+        result = evaluate(replies_by_prompt(tokenizer, task, lambda c: body), tokenizer, task,
                                      progress=False)
         assert result.correct == solved
 
@@ -145,7 +155,7 @@ def test_a_real_generator_runs_end_to_end(tokenizer):
 
     model = make_model(tokenizer, sequence_len=512)
     task = build_task("gsm8k", "test")[:3]
-    settings = GenerationSettings(max_tokens=8)
-    results = [evaluate_generative(Generator(model, tokenizer), tokenizer, task, batch_size=b, settings=settings,
+    sampling = replace(GREEDY, max_tokens=8)
+    results = [evaluate(Generator(model, tokenizer), tokenizer, task, batch_size=b, sampling=sampling,
                                    progress=False) for b in (1, 3)]
     assert results[0].total == 3 and results[0] == results[1]

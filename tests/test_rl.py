@@ -16,10 +16,11 @@ from conftest import compose_config
 from llm import artifact
 from llm.data.rl import RLDataModule
 from llm.generate.engine import Generator
-from llm.reporting.curves import read_scalars
+from llm.generate.sampling import Sampling
 from llm.model.gpt import GPT, GPTConfig
 from llm.optim.groups import OptimizerConfig
-from llm.stages.rl import (RLModule, RolloutSettings, Rollouts, group_advantages, policy_gradient_loss, policy_rows,
+from llm.reporting.curves import read_scalars
+from llm.stages.rl import (RLModule, Rollouts, group_advantages, policy_gradient_loss, policy_rows,
                            sample_rollouts)
 from llm.train import model_config, run
 
@@ -36,7 +37,7 @@ def tiny(stage: str, artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[
             f"tokenizer_dir={tokenizer_dir}", "model.sequence_len=128", "trainer.precision=32-true",
             "trainer.enable_progress_bar=false",
             *(ARITH if stage == "rl" else []), "data.batch_size=4", "stage.prompts_per_step=4",
-            "stage.module.num_samples=4", "stage.module.max_new_tokens=24", "stage.module.eval_samples=2",
+            "stage.module.sampling.num_samples=4", "stage.module.sampling.max_tokens=24", "stage.module.eval_samples=2",
             "data.val_tasks=[{name:arithmetic,split:test,difficulty:1,size:8}]", "stage.val_every=1000", *extra]
 
 
@@ -168,8 +169,8 @@ def test_same_seed_same_rollouts(tmp_path, tokenizer, tokenizer_dir):
     generator = Generator(model, tokenizer)
     prompts = [tokenizer.render_for_completion({"messages": [{"role": "user", "content": q}]})
                for q in ("What is 2 plus 3?", "What is 9 minus 4?")]
-    settings_ = RolloutSettings(num_samples=3, max_new_tokens=12)
-    a, b, c = (sample_rollouts(generator, prompts, settings_, seed) for seed in (7, 7, 8))
+    a, b, c = (sample_rollouts(generator, prompts, Sampling(max_tokens=12, num_samples=3, seed=seed))
+               for seed in (7, 7, 8))
     assert a.completions == b.completions and a.forced == b.forced
     assert a.completions != c.completions
     assert len({tuple(x) for x in a.completions}) > 1  # the samples of a group differ
@@ -240,7 +241,7 @@ def test_rl_refuses_without_an_sft_artifact(tmp_path, tokenizer_dir):
 
 def test_rl_refuses_fsdp(tokenizer):
     module = RLModule(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=32), OptimizerConfig(),
-                      tokenizer, total_steps=1)
+                      tokenizer, total_steps=1, sampling=Sampling(max_tokens=8), eval_samples=2, seed=0, lr_scale=1.0)
     module._device_mesh = object()  # what ModelParallelStrategy hands the module
     with pytest.raises(ValueError, match="trainer=ddp"):
         module.configure_model()
@@ -296,7 +297,7 @@ def test_rl_raises_the_reward_on_held_out_arithmetic(tmp_path, tokenizer_dir):
         "data.num_workers=0", "stage.total_batch_tokens=2048", "stage.val_every=1000", "stage.val_batches=1"]))
     metrics = run(compose_config("train", [
         "stage=rl", *common, "data=rl_arith", "trainer.max_steps=30", "stage.prompts_per_step=8", "data.batch_size=8",
-        "stage.module.num_samples=8", "stage.module.max_new_tokens=48", "stage.module.eval_samples=4",
+        "stage.module.sampling.num_samples=8", "stage.module.sampling.max_tokens=48", "stage.module.eval_samples=4",
         "stage.module.lr_scale=0.3", "optimizer.embedding_lr=0.02", "stage.val_every=1000"]))
     before, after = metrics["reward_before"], metrics["reward_after"]
     print(f"held-out reward {before:.3f} -> {after:.3f}, pass@4 {metrics['val_pass@4']:.3f}")

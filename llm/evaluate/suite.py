@@ -20,10 +20,11 @@ import torch.nn as nn
 from llm.data.sources import TextSource, iter_texts
 from llm.evaluate.categorical import evaluate_categorical
 from llm.evaluate.core import evaluate_core, load_bundle
-from llm.evaluate.generative import BatchGenerator, GenerationSettings, SandboxSettings, evaluate_generative
+from llm.evaluate.generative import BatchGenerator, SandboxSettings, evaluate_generative
 from llm.evaluate.heldout import BpbResult, evaluate_bpb, heldout_rows
 from llm.evaluate.results import TaskResult, mean_centered
 from llm.evaluate.sharding import Shard
+from llm.generate.sampling import Sampling
 from llm.tasks import TASKS, HubUnavailableError, build_task
 from llm.tasks.base import Task
 from llm.tokenizer import Tokenizer
@@ -55,8 +56,8 @@ class SuiteSettings:
     tasks: list[str]
     max_per_task: int | None = None  # first N examples of every task (None or <= 0: all)
     batch_size: int = 8
-    generation: GenerationSettings = GenerationSettings()
-    sandbox: SandboxSettings = SandboxSettings()
+    generation: Sampling | None = None  # generative tasks
+    sandbox: SandboxSettings | None = None  # HumanEval
     heldout: HeldoutSettings = HeldoutSettings()
     core: CoreSettings = CoreSettings()
     task_options: dict[str, dict] = field(default_factory=dict)  # build_task kwargs per task (split, source...)
@@ -168,6 +169,9 @@ def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, s
                 if generator is None:
                     from llm.generate.engine import Generator
                     generator = Generator(model, tokenizer)
-                results.tasks[name] = evaluate_generative(generator, tokenizer, task, settings.batch_size, shard,
-                                                          settings.generation, settings.sandbox, progress)
+                if settings.generation is None or settings.sandbox is None:
+                    raise ValueError(f"task {name!r} is generative: SuiteSettings needs generation and sandbox "
+                                     f"settings (conf/eval.yaml)")
+                results.tasks[name] = evaluate_generative(generator, tokenizer, task, settings.generation,
+                                                          settings.sandbox, settings.batch_size, shard, progress)
     return results

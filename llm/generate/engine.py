@@ -28,19 +28,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
 
 from llm.generate.calculator import calculate
 from llm.generate.prepare import DecodeHead
+from llm.generate.sampling import STOP_TOKENS, Sampling, fit_to_context
+from llm.generate.text_stream import TextStream, display_pieces
 from llm.model.gpt import GPT
 from llm.model.kv_cache import KVCache
-from llm.generate.text_stream import TextStream, display_pieces
 from llm.tokenizer import Tokenizer
-
-STOP_TOKENS = ("assistant_end", "bos")
 PREFILL_LOGITS = 1 << 26  # float32 logits one prefill forward may produce (256 MB)
 
 
@@ -50,29 +49,6 @@ class Token(NamedTuple):
     token: int
     forced: bool
     finish: str | None
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one row samples. temperature 0 is greedy; top_k/top_p None means no cut."""
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0 (0 = greedy)")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None for no cut")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1], or None for no cut")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop={self.stop!r} must be a list of non-empty strings")
 
 
 @dataclass
@@ -293,7 +269,7 @@ class Generator:
                or not 0 <= t < self.tokenizer.vocab_size]
         if bad:
             raise ValueError(f"prompt has invalid token ids {bad[:5]}; ids lie in [0, {self.tokenizer.vocab_size})")
-        if len(prompt) + max_tokens > self.context:
+        if fit_to_context(max_tokens, len(prompt), self.context) < max_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={max_tokens} = "
                              f"{len(prompt) + max_tokens} exceeds the model's context of {self.context} tokens; "
                              f"shorten the prompt or ask for at most {max(self.context - len(prompt), 0)} tokens")
@@ -310,25 +286,23 @@ class Generator:
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.model, self.tokenizer, self.tool)
 
-    def generate(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: Sequence[str] | None = None) -> Iterator[list[Token]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling | None = None,
+                 **fields) -> Iterator[list[Token]]:
         """Stream generation: yields, once per step, a list with the new Token of every running row.
 
-        Row r = prompt index * num_samples + sample index. With a seed, row r samples from its own
+        `sampling`, or its fields as keywords (num_samples, max_tokens, temperature, top_k, top_p, stop,
+        seed). Row r = prompt index * num_samples + sample index. With a seed, row r samples from its own
         torch.Generator seeded with seed + r, so the same call gives the same samples. Arguments are
         checked here, before the first step (ValueError).
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("prompts must be a non-empty list of prompts, each a list of token ids")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
         if isinstance(prompts[0], int):
             raise ValueError("prompts must be a list of prompts (list of lists of ids); wrap a single prompt: [ids]")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        sampling = Sampling(max_tokens, temperature, top_k, top_p, stop)
-        rows = [self.new_row(i * num_samples + j, p, sampling, None if seed is None else seed + i * num_samples + j)
-                for i, p in enumerate(prompts) for j in range(num_samples)]
+        sampling = _sampling(sampling, fields)
+        n, seed = sampling.num_samples, sampling.seed
+        rows = [self.new_row(i * n + j, p, sampling, None if seed is None else seed + i * n + j)
+                for i, p in enumerate(prompts) for j in range(n)]
         return self._run(rows)
 
     def _run(self, rows: list[Row]) -> Iterator[list[Token]]:
@@ -339,13 +313,14 @@ class Generator:
                 batch.admit([waiting.popleft() for _ in range(min(cap - batch.live, len(waiting)))])
             yield [Token(r.key, t, f, r.finish) for r, t, f in batch.step()]
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1,
-                       **kwargs) -> list[tuple[list[int], list[bool]]]:
+    def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling | None = None,
+                       **fields) -> list[tuple[list[int], list[bool]]]:
         """All completions at once: per row (order as in generate), the generated ids (no prompt; a final
         assistant_end/bos is included when the row stopped on it) and the forced mask (True = the tool
         wrote it, not the model)."""
-        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in range(len(prompts) * num_samples)]
-        for step in self.generate(prompts, num_samples, **kwargs):
+        sampling = _sampling(sampling, fields)
+        out: list[tuple[list[int], list[bool]]] = [([], []) for _ in range(len(prompts) * sampling.num_samples)]
+        for step in self.generate(prompts, sampling):
             for t in step:
                 out[t.row][0].append(t.token)
                 out[t.row][1].append(t.forced)
@@ -369,13 +344,41 @@ class Generator:
         return [{"type": kind, "text": self.tokenizer.decode(ids)} for kind, ids in parts
                 if ids or kind != "text"]
 
-    def complete(self, prompt: str | Sequence[int], max_tokens: int = 64, **kwargs) -> str:
+    def complete(self, prompt: str | Sequence[int], sampling: Sampling | None = None, **fields) -> str:
         """Display text of one completion; a str prompt is encoded after a bos token."""
         ids = self.tokenizer.encode(prompt, prepend_bos=True) if isinstance(prompt, str) else list(prompt)
-        (tokens, _), = self.generate_batch([ids], max_tokens=max_tokens, **kwargs)
-        stop = kwargs.get("stop") or ()
-        text = TextStream(self.pieces, (stop,) if isinstance(stop, str) else tuple(stop))
+        sampling = _sampling(sampling, fields)
+        (tokens, _), = self.generate_batch([ids], sampling)
+        text = TextStream(self.pieces, sampling.stop)
         for t in tokens:
             text.push(t)
         text.finish()
         return text.take()
+
+
+def _sampling(sampling: Sampling | None, fields: dict) -> Sampling:
+    if sampling is not None and fields:
+        raise ValueError(f"give a Sampling or its fields, not both (got {sorted(fields)} too)")
+    return sampling if sampling is not None else Sampling(**fields)
+
+
+Completions = list[tuple[list[int], list[bool]]]  # (ids, forced) of each sample
+
+
+def generate_answers(generator, prompts: Sequence[list[int]], sampling: Sampling) -> list[Completions]:
+    """sampling.num_samples completions per prompt (RL rollouts, evaluation), each cut to the positions
+    its prompt leaves in the context; a prompt that fills the context gets empty ones. Prompts with the
+    same budget share a generate_batch call (usually all of them), seeded with sampling.seed + (its
+    first prompt's index) * num_samples: with one call, sample s of prompt i gets seed + i * n + s.
+
+    `generator`: a Generator, or anything with its generate_batch and `context` (tests script one)."""
+    n = sampling.num_samples
+    budgets = [fit_to_context(sampling.max_tokens, len(p), generator.context) for p in prompts]
+    answers: list[Completions] = [[([], [])] * n for _ in prompts]
+    for budget in sorted({b for b in budgets if b >= 1}):
+        members = [i for i, b in enumerate(budgets) if b == budget]
+        seed = None if sampling.seed is None else sampling.seed + members[0] * n
+        rows = generator.generate_batch([prompts[i] for i in members], replace(sampling, max_tokens=budget, seed=seed))
+        for j, i in enumerate(members):
+            answers[i] = rows[j * n:(j + 1) * n]
+    return answers

@@ -8,8 +8,10 @@ other special tokens hidden.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 
+from llm.generate.sampling import STOP_TOKENS
 from llm.tokenizer import Tokenizer
 
 TOOL_DISPLAY = {"python_start": b"<<", "python_end": b"=", "output_start": b"", "output_end": b">>"}
@@ -25,6 +27,25 @@ def display_pieces(tokenizer: Tokenizer, model_vocab: int) -> list[bytes]:
     for name, shown in TOOL_DISPLAY.items():
         pieces[tokenizer.special_id(name)] = shown
     return pieces
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_pieces(tokenizer: Tokenizer) -> tuple[list[bytes], frozenset[int]]:
+    return display_pieces(tokenizer, tokenizer.vocab_size), frozenset(tokenizer.special_id(n) for n in STOP_TOKENS)
+
+
+def completion_text(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    """The display text of generated ids up to the first stop token: how RL rewards and evaluation read
+    an answer (a tool call shows as "<<expr=result>>", as GSM8K writes it)."""
+    pieces, stops = _tokenizer_pieces(tokenizer)
+    shown = []
+    for token in ids:
+        token = int(token)
+        if token in stops:
+            break
+        if token < len(pieces):
+            shown.append(pieces[token])
+    return b"".join(shown).decode("utf-8", errors="replace")
 
 
 class TextStream:

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
-from llm.generate.engine import Generator
-from llm.evaluate.generative import completion_text
+from llm.generate.engine import Generator, generate_answers
+from llm.generate.sampling import Sampling
+from llm.generate.text_stream import completion_text
 from llm.model.gpt import GPTConfig
 from llm.optim.groups import OptimizerConfig
 from llm.stages.base import PretrainModule
@@ -45,18 +46,6 @@ from llm.conversation import Conversation
 from llm.tokenizer import Tokenizer
 
 SOLVED = 1.0  # a sample counts as solved (pass@k) when its reward reaches full credit
-
-
-@dataclass(frozen=True)
-class RolloutSettings:
-    num_samples: int = 16
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = 50
-
-    def __post_init__(self):
-        if self.num_samples < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"num_samples={self.num_samples} and max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 @dataclass
@@ -72,25 +61,12 @@ class Rollouts:
         return sum(len(c) for c in self.completions)
 
 
-def sample_rollouts(generator: Generator, prompts: Sequence[list[int]], settings: RolloutSettings,
-                    seed: int) -> Rollouts:
-    """Sample settings.num_samples answers per prompt; row r samples with seed + r (reproducible).
-
-    An answer gets at most the positions left in the model's context; prompts with the same budget share
-    a generate_batch call (usually all of them). A prompt filling the context gets empty answers."""
-    n = settings.num_samples
-    budgets = [min(settings.max_new_tokens, generator.context - len(p)) for p in prompts]
-    completions: list[list[int]] = [[] for _ in range(len(prompts) * n)]
-    forced: list[list[bool]] = [[] for _ in range(len(prompts) * n)]
-    for budget in sorted({b for b in budgets if b >= 1}):
-        members = [i for i, b in enumerate(budgets) if b == budget]
-        rows = generator.generate_batch([prompts[i] for i in members], num_samples=n, max_tokens=budget,
-                                        temperature=settings.temperature, top_k=settings.top_k,
-                                        seed=seed + members[0] * n)
-        for j, i in enumerate(members):
-            for s in range(n):
-                completions[i * n + s], forced[i * n + s] = rows[j * n + s]
-    return Rollouts([list(p) for p in prompts], completions, forced, n)
+def sample_rollouts(generator: Generator, prompts: Sequence[list[int]], sampling: Sampling) -> Rollouts:
+    """sampling.num_samples answers per prompt, each within the context (llm.generate.engine.generate_answers:
+    a prompt filling the context gets empty answers); the same seed gives the same rollouts."""
+    answers = [a for per_prompt in generate_answers(generator, prompts, sampling) for a in per_prompt]
+    return Rollouts([list(p) for p in prompts], [ids for ids, _ in answers], [f for _, f in answers],
+                    sampling.num_samples)
 
 
 def score_rollouts(tokenizer: Tokenizer, rollouts: Rollouts, conversations: Sequence[Conversation],
@@ -152,13 +128,14 @@ def batch_seed(seed: int, purpose: int, rank: int, position: int) -> int:
 
 class RLModule(PretrainModule):
     def __init__(self, model_config: GPTConfig, optimizer: OptimizerConfig, tokenizer: Tokenizer, total_steps: int,
-                 num_samples: int = 16, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = 50,
-                 eval_samples: int = 8, seed: int = 42, lr_scale: float = 0.05, **kwargs):
+                 sampling: Sampling, eval_samples: int, seed: int, lr_scale: float, **kwargs):
+        """sampling: how rollouts sample (num_samples answers per prompt: the group); eval_samples: answers
+        per held-out prompt (val/pass@k, k = this); seed: fixes every batch's sampling seeds."""
         super().__init__(model_config, scale_learning_rates(optimizer, lr_scale), tokenizer, total_steps, **kwargs)
-        self.rollout_settings = RolloutSettings(num_samples, max_new_tokens, temperature, top_k)
-        self.eval_settings = replace(self.rollout_settings, num_samples=eval_samples)
+        self.rollout_settings = sampling
+        self.eval_settings = replace(sampling, num_samples=eval_samples)
         self.seed = seed
-        self.hparams.update(vars(self.rollout_settings), eval_samples=eval_samples, seed=seed, lr_scale=lr_scale)
+        self.hparams.update(sampling=vars(sampling), eval_samples=eval_samples, seed=seed, lr_scale=lr_scale)
         self.val_reward, self.val_pass1, self.val_passk = MeanMetric(), MeanMetric(), MeanMetric()
         self.before: dict[str, float] | None = None  # the held-out evaluation before the first step
         self.last_eval: dict[str, float] | None = None
@@ -179,13 +156,13 @@ class RLModule(PretrainModule):
         return self._generator
 
     @torch.no_grad()
-    def roll_out(self, batch: dict, settings: RolloutSettings, purpose: int) -> tuple[Rollouts, torch.Tensor]:
+    def roll_out(self, batch: dict, settings: Sampling, purpose: int) -> tuple[Rollouts, torch.Tensor]:
         """(rollouts, (P, S) rewards) for the batch's prompts, with seeds fixed by its place in the stream."""
         was_training = self.model.training
         generator = self.generator
         self.model.eval()
         seed = batch_seed(self.seed, purpose, int(batch["cursor"][0]), int(batch["cursor"][1]))
-        rollouts = sample_rollouts(generator, batch["prompts"], settings, seed)
+        rollouts = sample_rollouts(generator, batch["prompts"], replace(settings, seed=seed))
         self.model.train(was_training)
         rewards = score_rollouts(self.tokenizer, rollouts, batch["conversations"], self.trainer.datamodule.reward)
         return rollouts, rewards.to(self.device)
