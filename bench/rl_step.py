@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from decode import random_model  # bench/ is on the path when a script here runs
+import llm.config  # noqa: F401,E402  (registers the resolvers the configs use)
 
 from llm.generate.engine import Generator
 from llm.generate.sampling import Sampling
 from llm.model.gpt import GPT
-from llm.optim.groups import OptimizerConfig, build_optimizer
+from llm.optim.groups import build_optimizer
 from llm.stages.rl import (group_advantages, policy_gradient_loss, policy_rows, sample_rollouts,
                            score_rollouts)
 from llm.tasks import build_task
@@ -69,7 +73,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = random_model(args.depth, vocab_size=8192, sequence_len=512, max_chars=2_000_000)
-    optimizer = build_optimizer(model, OptimizerConfig())
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        optimizer_config = instantiate(compose("train", ["stage=rl"]).optimizer, _convert_="all")  # RL's lr_scale
+    optimizer = build_optimizer(model, optimizer_config)
     task = build_task("arithmetic", "train", size=args.prompts * args.repeats)
     settings = Sampling(num_samples=args.samples, max_tokens=args.new, temperature=1.0, top_k=50)
     print(f"d{args.depth} ({model.num_params() / 1e6:.1f}M params), {args.prompts} prompts x {args.samples} samples, "

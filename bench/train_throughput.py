@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, IterableDataset
 
+import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.model.gpt import GPT, GPTConfig
-from llm.optim.groups import OptimizerConfig, build_optimizer
+from llm.optim.groups import build_optimizer
 from llm.stages.base import PretrainModule
 from llm.stages.throughput import measure_matmul_flops
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 SHAPES = {"d4": (4, 256, 16), "d6": (6, 512, 32)}  # depth, T, B
 VOCAB = 32768
@@ -43,6 +49,15 @@ class StubTokenizer:
         return torch.ones(VOCAB, dtype=torch.long)
 
 
+def base_module(config: GPTConfig, total_steps: int, compile: bool = False) -> PretrainModule:
+    """The base stage's module with conf/'s optimizer and schedule (no periodic samples)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", ["stage=base", "stage.module.sample_every=0"])
+    make = instantiate(cfg.stage.module, _partial_=True, _convert_="all")
+    return make(model_config=config, optimizer=instantiate(cfg.optimizer, _convert_="all"), tokenizer=StubTokenizer(),
+                total_steps=total_steps, compile=compile)
+
+
 class StepTimer(L.Callback):
     def __init__(self, warmup: int):
         self.warmup, self.times = warmup, []
@@ -56,7 +71,7 @@ class StepTimer(L.Callback):
 
 
 def lightning_ms_per_step(config, B, T, precision, steps, warmup, compile) -> float:
-    module = PretrainModule(config, OptimizerConfig(), StubTokenizer(), total_steps=steps + warmup, compile=compile)
+    module = base_module(config, steps + warmup, compile)
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps + warmup, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -68,9 +83,9 @@ def lightning_ms_per_step(config, B, T, precision, steps, warmup, compile) -> fl
 def plain_ms_per_step(config, B, T, precision, steps, warmup, compile) -> float:
     """The same model and optimizer in a hand-written loop: what Lightning must not be slower than."""
     torch.manual_seed(0)
-    module = PretrainModule(config, OptimizerConfig(), StubTokenizer(), total_steps=steps + warmup)
+    module = base_module(config, steps + warmup)
     model = torch.compile(module.model) if compile else module.model
-    optimizer = build_optimizer(module.model, OptimizerConfig())
+    optimizer = build_optimizer(module.model, module.optimizer_config)
     rows = iter(RandomRows(B, T))
     times = []
     for step in range(steps + warmup):

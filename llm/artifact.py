@@ -26,9 +26,6 @@ from safetensors.torch import load_file, save_file
 from llm.model.gpt import GPT, GPTConfig
 from llm.tokenizer import Tokenizer
 
-STAGES = ("base", "mid", "sft", "rl")
-
-
 @contextmanager
 def atomic_path(path: str | Path):
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
@@ -77,13 +74,14 @@ def save_artifact(folder: str | Path, state_dict: dict[str, torch.Tensor], confi
 
 
 def resolve_artifact(source: str | Path, artifacts: str | Path) -> Path:
-    """`sft` -> <artifacts>/sft; any other value is taken as a folder path."""
-    folder = Path(artifacts) / str(source) if str(source) in STAGES else Path(source)
-    if not (folder / "config.yaml").exists():
-        hint = (f"run `python -m llm.train stage={source}` first" if str(source) in STAGES
-                else f"give a stage name ({', '.join(STAGES)}) or an artifact folder")
-        raise FileNotFoundError(f"no finished artifact at {folder} (config.yaml missing): {hint}")
-    return folder
+    """`sft` -> <artifacts>/sft (any folder name under the artifacts root); otherwise `source` is a path."""
+    for folder in (Path(artifacts) / str(source), Path(source)):
+        if (folder / "config.yaml").exists():
+            return folder
+    folder = Path(artifacts) / str(source) if "/" not in str(source) else Path(source)
+    hint = (f"run `python -m llm.train stage={source}` first (or give an artifact folder)" if "/" not in str(source)
+            else "give an artifact folder, or the name of one under paths.artifacts")
+    raise FileNotFoundError(f"no finished artifact at {folder} (config.yaml missing): {hint}")
 
 
 def read_meta(folder: str | Path) -> dict:

@@ -6,6 +6,7 @@ a config is composed, so `${on_cpu:...}` and `${mul:...}` resolve everywhere.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,9 +25,29 @@ def _on_cpu(accelerator: str, cpu_value, accelerator_value):
 
 
 def register_resolvers() -> None:
-    for name, fn in (("on_cpu", _on_cpu), ("mul", lambda a, b: int(a) * int(b))):
+    for name, fn in (("on_cpu", _on_cpu), ("mul", lambda a, b: int(a) * int(b)), ("unset", _unset)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def world_size(trainer) -> int:
+    """Processes a trainer config runs: devices (as Lightning reads them) x num_nodes. The run plan needs it
+    before the Trainer exists; llm.train checks it against the Trainer's own count."""
+    devices, nodes = trainer.devices, int(trainer.num_nodes)
+    if devices in ("auto", -1, "-1"):
+        local = 1 if runs_on_cpu(str(trainer.accelerator)) else max(torch.cuda.device_count(), 1)
+    elif isinstance(devices, int):
+        local = devices
+    elif isinstance(devices, str):
+        local = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    else:  # a list of device indices
+        local = len(devices)
+    return local * nodes
+
+
+def _unset(name: str) -> bool:
+    """`${unset:WANDB_API_KEY}`: True when the environment variable is not set (or empty)."""
+    return not os.environ.get(name)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -25,7 +25,7 @@ from llm.config import absolute, resolve_precision
 from llm.evaluate.generative import SandboxSettings
 from llm.evaluate.record import eval_section, merge_eval
 from llm.evaluate.sharding import Shard
-from llm.evaluate.suite import CoreSettings, HeldoutSettings, SuiteResults, SuiteSettings, default_tasks, run_suite
+from llm.evaluate.suite import ChatLossSettings, CoreSettings, HeldoutSettings, SuiteResults, SuiteSettings, run_suite
 
 
 def build_fabric(cfg: DictConfig) -> Fabric:
@@ -36,11 +36,15 @@ def build_fabric(cfg: DictConfig) -> Fabric:
                   strategy=strategy, precision=precision)
 
 
-def task_list(cfg: DictConfig, stage: str) -> list[str]:
-    """cfg.tasks, or the stage's defaults; a defaulted CORE without a bundle at hand is left out (with a note)."""
+def task_list(cfg: DictConfig, meta: dict) -> list[str]:
+    """cfg.tasks, or the defaults of the stage that made the artifact (its stage.eval_tasks); a defaulted
+    CORE without a bundle at hand is left out (with a note)."""
     if cfg.tasks is not None:
         return list(OmegaConf.to_container(cfg.tasks)) if not isinstance(cfg.tasks, str) else [cfg.tasks]
-    tasks = default_tasks(stage)
+    tasks = list(((meta.get("config") or {}).get("stage") or {}).get("eval_tasks") or [])
+    if not tasks:
+        raise ValueError(f"the artifact of stage {meta.get('stage')!r} names no default evaluation tasks: give "
+                         f"them, e.g. tasks=[bpb] or tasks=[gsm8k,arc_easy]")
     bundle = cfg.core.bundle
     if "core" in tasks and not (bundle and (Path(bundle) / "core.yaml").exists()):
         print(f"CORE skipped: no eval bundle at {bundle} (set core.bundle=<folder> or LLM_EVAL_BUNDLE)")
@@ -48,17 +52,18 @@ def task_list(cfg: DictConfig, stage: str) -> list[str]:
     return tasks
 
 
-def suite_settings(cfg: DictConfig, stage: str) -> SuiteSettings:
+def suite_settings(cfg: DictConfig, meta: dict) -> SuiteSettings:
     container = OmegaConf.to_container
     core_tasks = cfg.core.tasks
     return SuiteSettings(
-        tasks=task_list(cfg, stage),
+        tasks=task_list(cfg, meta),
         max_per_task=cfg.max_per_task,
         batch_size=int(cfg.batch_size),
         generation=instantiate(cfg.generation, _convert_="all"),
         sandbox=SandboxSettings(**container(cfg.sandbox, resolve=True)),
         heldout=HeldoutSettings(instantiate(cfg.data.source), int(cfg.data.val_docs), cfg.heldout.max_tokens),
         core=CoreSettings(cfg.core.bundle, None if core_tasks is None else list(container(core_tasks))),
+        chat_loss=ChatLossSettings(container(cfg.chat_loss.val_tasks, resolve=True), int(cfg.chat_loss.seed)),
         task_options=container(cfg.task_options, resolve=True) or {},
     )
 
@@ -70,7 +75,7 @@ def evaluate(cfg: DictConfig) -> SuiteResults:
     started = time.time()
     folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
     model, tokenizer, meta = load_artifact(folder, device=fabric.device)
-    settings = suite_settings(cfg, meta["stage"])
+    settings = suite_settings(cfg, meta)
     shard = Shard(fabric.global_rank, fabric.world_size, str(fabric.device))
     with fabric.autocast():
         results = run_suite(model, tokenizer, settings, shard, progress=bool(cfg.progress))

@@ -1,13 +1,18 @@
 """python -m llm.train stage=<base|mid|sft|rl> model=dNN trainer=<cpu|gpu|ddp|fsdp> [key=value ...]
 
-Composes the run from conf/, builds the stage's LightningModule and LightningDataModule, trains
-(resuming from <stage dir>/checkpoints/last.ckpt when one exists) and writes the stage's artifact.
+Composes the run from conf/ and then, in this order: the tokenizer and the model's shape, the stage's
+data module, the run plan (llm/stages/plan.py: batch, accumulation, steps, intervals, learning rates —
+printed first, `plan_only=true` prints it and exits), the Trainer built from the plan in one call, the
+stage's module (from an earlier stage's weights when stage.init_from names one). Then it trains,
+resuming from <stage dir>/checkpoints/last.ckpt when one exists, and writes the stage's artifact with
+the plan in its config.yaml and metrics.json.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -15,16 +20,21 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins import DoublePrecision
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from llm import artifact
-from llm.config import absolute, resolve_precision
+from llm.config import absolute, resolve_precision, world_size
+from llm.data.loading import StageDataModule
 from llm.model.gpt import GPT, GPTConfig
+from llm.optim.groups import OptimizerConfig, build_param_groups
 from llm.stages.checkpoint_io import AtomicCheckpointIO
+from llm.stages.common import StageModule
+from llm.stages.plan import Horizon, RunPlan, make_plan
 from llm.stages.throughput import ThroughputMonitor
 from llm.tokenizer import Tokenizer
 
@@ -70,37 +80,30 @@ def initial_state(cfg: DictConfig, config: GPTConfig, tokenizer: Tokenizer) -> d
     return model.state_dict()
 
 
-def horizon(cfg: DictConfig, config: GPTConfig, tokens_per_step: int, steps_per_epoch: float | None = None) -> int:
-    """trainer.max_steps, or stage.epochs passes over the data (when the data module can count its
-    steps_per_epoch), or the steps that reach stage.target_param_data_ratio tokens per parameter."""
-    if cfg.trainer.max_steps and cfg.trainer.max_steps > 0:
-        return int(cfg.trainer.max_steps)
-    epochs = cfg.stage.get("epochs")
-    if epochs:
-        if steps_per_epoch is None:
-            raise ValueError(f"stage.epochs={epochs} needs a data module that knows its epoch length; set "
-                             f"trainer.max_steps instead")
-        return max(1, math.ceil(epochs * steps_per_epoch))
-    ratio = cfg.stage.get("target_param_data_ratio")
-    if not ratio:
-        raise ValueError("set trainer.max_steps (or stage.target_param_data_ratio) to give the run a length")
-    with torch.device("meta"):
-        num_params = GPT(config).num_params()
-    return max(1, math.ceil(ratio * num_params / tokens_per_step))
+def plan_run(cfg: DictConfig, config: GPTConfig, optimizer: OptimizerConfig, stage: type[StageModule],
+             datamodule: StageDataModule) -> RunPlan:
+    with torch.device("meta"):  # shapes and parameter groups only, no memory
+        model = GPT(config)
+    learning_rates = {g["name"]: g["lr"] for g in build_param_groups(model, optimizer)}
+    s = cfg.stage
+    horizon = Horizon(max_steps=cfg.trainer.max_steps, epochs=s.get("epochs"),
+                      tokens_per_param=s.get("target_param_data_ratio"))
+    world = world_size(cfg.trainer)
+    return make_plan(s.name, stage.batch_unit, int(s.batch.per_step), int(s.batch.per_device), config.sequence_len,
+                     world, horizon, int(s.val_every), int(s.val_batches), int(s.save_every), model.num_params(),
+                     model.flops_per_token(), learning_rates, datamodule.epoch_length(world),
+                     stage.rows_per_unit(OmegaConf.to_container(s.module, resolve=True)))
 
 
-def accumulation(total_batch_tokens: int, micro_tokens: int) -> int:
-    if total_batch_tokens % micro_tokens:
-        raise ValueError(
-            f"stage.total_batch_tokens={total_batch_tokens} is not a multiple of the tokens one micro-step "
-            f"processes on all ranks ({micro_tokens} = data.batch_size x sequence_len x world size): "
-            f"set stage.total_batch_tokens to a multiple of {micro_tokens}")
-    return total_batch_tokens // micro_tokens
+def build_loggers(cfg: DictConfig, folder: Path) -> list[Logger]:
+    """The logger group's loggers (conf/logger/), each writing under <run folder>/<its name>."""
+    root = log_dir(cfg, folder)
+    return [instantiate(settings, save_dir=str(root / name)) for name, settings in (cfg.logger or {}).items()]
 
 
-def build_trainer(cfg: DictConfig, folder: Path, callbacks: list) -> L.Trainer:
+def build_trainer(cfg: DictConfig, plan: RunPlan, callbacks: list, loggers: list[Logger]) -> L.Trainer:
+    """The Trainer, in one call: hardware from the trainer group, the loop's numbers from the plan."""
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    logger = TensorBoardLogger(save_dir=str(log_dir(cfg, folder)), name="tensorboard", version="")
     plugins = [AtomicCheckpointIO()]
     if precision == "64-true":
         # float64 reference runs (the equivalence tests): ModelParallelStrategy refuses the precision
@@ -108,57 +111,77 @@ def build_trainer(cfg: DictConfig, folder: Path, callbacks: list) -> L.Trainer:
         plugins.append(DoublePrecision())
         precision = None
     make_trainer = instantiate(cfg.trainer, _partial_=True, _convert_="all")
-    return make_trainer(precision=precision, logger=logger, callbacks=callbacks,
-                        plugins=plugins, check_val_every_n_epoch=None)
+    trainer = make_trainer(precision=precision, logger=loggers or False, callbacks=callbacks, plugins=plugins,
+                           **plan.trainer_kwargs())
+    if trainer.world_size != plan.world_size:
+        raise ValueError(f"the Trainer runs {trainer.world_size} processes but the plan was made for "
+                         f"{plan.world_size}: give trainer.devices and trainer.num_nodes as numbers")
+    return trainer
+
+
+@rank_zero_only
+def show(text: str) -> None:
+    print(text, flush=True)
+
+
+def quiet_libraries() -> None:
+    """What a newcomer should not have to read: Lightning's advertisement and a deprecation inside it."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train one stage; returns the metrics written to its metrics.json."""
-    L.seed_everything(cfg.seed, workers=True)
+    """Train one stage; returns the metrics written to its metrics.json (only the plan with plan_only)."""
+    quiet_libraries()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
     config = model_config(cfg, tokenizer)
     folder = stage_dir(cfg)
-    datamodule = instantiate(cfg.data, tokenizer_dir=str(absolute(cfg.tokenizer_dir)), _convert_="all")
+    stage = get_class(cfg.stage.module._target_)
+    datamodule = instantiate(cfg.data, tokenizer_dir=str(absolute(cfg.tokenizer_dir)),
+                             batch_size=int(cfg.stage.batch.per_device), _convert_="all")
+    optimizer = instantiate(cfg.optimizer, _convert_="all")
+    plan = plan_run(cfg, config, optimizer, stage, datamodule)
+    show(f"run plan\n{plan.table()}")
+    if cfg.plan_only:
+        return {"plan": plan.to_dict()}
 
     last_ckpt = folder / "checkpoints" / "last.ckpt"
     checkpointing = ModelCheckpoint(dirpath=last_ckpt.parent, save_top_k=0, save_last=True,
-                                    every_n_train_steps=int(cfg.stage.save_every))
-    throughput = ThroughputMonitor(tokens_per_step=int(cfg.stage.total_batch_tokens))
-    trainer = build_trainer(cfg, folder, [checkpointing, throughput])
-    micro_tokens = datamodule.batch_size * datamodule.seq_len * trainer.world_size
-    accum = accumulation(int(cfg.stage.total_batch_tokens), micro_tokens)
-    epoch_steps = getattr(datamodule, "steps_per_epoch", None)
-    total_steps = horizon(cfg, config, int(cfg.stage.total_batch_tokens),
-                          epoch_steps(trainer.world_size, accum) if epoch_steps else None)
-    trainer.accumulate_grad_batches = accum
-    trainer.fit_loop.epoch_loop.max_steps = total_steps
-    trainer.val_check_interval = int(cfg.stage.val_every) * accum
-    trainer.limit_val_batches = int(cfg.stage.val_batches)
-
+                                    every_n_train_steps=plan.save_every)
+    throughput = ThroughputMonitor()
+    trainer = build_trainer(cfg, plan, [checkpointing, throughput], build_loggers(cfg, folder))
     make_module = instantiate(cfg.stage.module, _partial_=True, _convert_="all")
-    module = make_module(model_config=config, optimizer=instantiate(cfg.optimizer, _convert_="all"),
-                         tokenizer=tokenizer, total_steps=total_steps, compile=bool(cfg.compile),
-                         init_state=initial_state(cfg, config, tokenizer))
+    module: StageModule = make_module(model_config=config, optimizer=optimizer, tokenizer=tokenizer,
+                                      total_steps=plan.total_steps, compile=bool(cfg.compile),
+                                      init_state=initial_state(cfg, config, tokenizer))
+    module.connect(datamodule)
 
     resume_from = str(last_ckpt) if cfg.resume and last_ckpt.exists() else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    trainer.save_checkpoint(last_ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
+    trainer.save_checkpoint(last_ckpt, weights_only=False)
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
 
     state = module.full_state_dict()  # every rank: a collective under FSDP
+    tensorboard = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     metrics = {
-        "stage": cfg.stage.name, "steps": trainer.global_step, "total_steps": total_steps,
-        "tokens": trainer.global_step * int(cfg.stage.total_batch_tokens),
-        "train_loss": train_loss,
+        "stage": cfg.stage.name, "steps": trainer.global_step, "total_steps": plan.total_steps,
+        "tokens": throughput.total_tokens, "train_loss": train_loss,
         **{k.replace("/", "_"): float(v) for k, v in final.items()},
-        **getattr(module, "final_metrics", dict)(),  # a stage's own headline numbers (RL: reward before/after)
+        **module.final_metrics(),  # a stage's own headline numbers (RL: reward before/after)
         "num_params": module.model.num_params(), "wall_time_s": time.time() - started,
-        "world_size": trainer.world_size, "tensorboard_dir": str(trainer.logger.log_dir),
+        "world_size": trainer.world_size, "tensorboard_dir": tensorboard, "plan": plan.to_dict(),
+        # what the Trainer ran with, beside what the plan said
+        "ran": {"steps": trainer.global_step, "accumulation": trainer.accumulate_grad_batches,
+                "val_check_interval": trainer.val_check_interval, "limit_val_batches": trainer.limit_val_batches,
+                "world_size": trainer.world_size},
     }
     if trainer.is_global_zero:
-        extra = {"init_from": cfg.stage.get("init_from"), "config": OmegaConf.to_container(cfg, resolve=True),
+        extra = {"init_from": cfg.stage.get("init_from"), "plan": plan.to_dict(),
+                 "config": OmegaConf.to_container(cfg, resolve=True),
                  "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []}
         artifact.save_artifact(folder, state, config, tokenizer, cfg.stage.name, metrics, extra)
         print(f"{cfg.stage.name} artifact: {folder}  " + "  ".join(

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.data.sources import TextSource, iter_texts
+from llm.optim.groups import OptimizerConfig
 from llm.tokenizer import Tokenizer
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -19,6 +20,13 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def compose_config(config_name: str = "train", overrides: list[str] = ()) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+def optimizer_config(group: str = "muon_adamw", **overrides) -> OptimizerConfig:
+    """conf/optimizer/<name>.yaml as the code gets it (its values live only there), with overrides."""
+    values = OmegaConf.to_container(compose_config("train", [f"optimizer={group}"]).optimizer)
+    values.pop("_target_")
+    return OptimizerConfig(**{**values, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import pydoc_data.topics
 import torch
 import torch.nn as nn
 
+from conftest import compose_config
 from llm.artifact import save_artifact
 from llm.model.gpt import GPT, GPTConfig
 from llm.tokenizer import Tokenizer
@@ -42,8 +43,10 @@ def make_model(tokenizer: Tokenizer, sequence_len: int = 512, seed: int = 0) -> 
 def make_artifact(artifacts: Path, stage: str = "sft", sequence_len: int = 512, metrics: dict | None = None) -> Path:
     tokenizer = make_tokenizer(artifacts / "tokenizer")
     model = make_model(tokenizer, sequence_len)
+    # the part of config.yaml the evaluator reads: the stage's default evaluation tasks (conf/stage/<stage>.yaml)
+    eval_tasks = list(compose_config("train", [f"stage={stage}"]).stage.eval_tasks)
     return save_artifact(artifacts / stage, model.state_dict(), model.config, tokenizer, stage=stage,
-                         metrics=metrics or {})
+                         metrics=metrics or {}, extra={"config": {"stage": {"name": stage, "eval_tasks": eval_tasks}}})
 
 
 class RiggedModel(nn.Module):

@@ -43,6 +43,7 @@ def test_rows_are_padded_conversations_with_masked_targets(tokenizer, tokenizer_
     dm = module(tokenizer_dir)
     batch = take(dm.train_batches(), 1)[0]
     assert batch["inputs"].shape == batch["targets"].shape == (B, T)
+    real = 0
     for j in range(B):
         conversation = dm.train_mixture[j]
         ids, mask = tokenizer.render_conversation(conversation)
@@ -52,14 +53,16 @@ def test_rows_are_padded_conversations_with_masked_targets(tokenizer, tokenizer_
         assert batch["inputs"][j, n:].eq(tokenizer.bos_id).all()
         assert batch["targets"][j, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
         assert batch["targets"][j, n:].eq(-1).all()
+        real += n
     assert batch["cursor"].tolist() == [0, B]
+    assert int(batch["tokens"]) == real  # what throughput counts: the rows' tokens, padding left out
 
 
 def test_long_conversations_are_cut_to_the_row(tokenizer):
     long = {"messages": [{"role": "user", "content": "hi " * 200}, {"role": "assistant", "content": "ok " * 200}]}
-    inputs, targets = render_row(tokenizer, long, 16)
+    inputs, targets, length = render_row(tokenizer, long, 16)
     ids, mask = tokenizer.render_conversation(long, max_tokens=17)
-    assert inputs == ids[:16] and len(targets) == 16
+    assert inputs == ids[:16] and len(targets) == 16 and length == 16
 
 
 def test_same_seed_same_order_other_seed_other_order(tokenizer_dir):
@@ -136,10 +139,10 @@ def test_validation_is_finite_disjoint_across_ranks_and_in_order(tokenizer_dir):
     assert sorted(halves[0] + halves[1]) == list(range(10))
 
 
-def test_steps_per_epoch(tokenizer_dir):
+def test_epoch_length(tokenizer_dir):
     dm = module(tokenizer_dir)  # 50 rows
-    assert dm.steps_per_epoch(world_size=1, accumulation=1) == 50 / B
-    assert dm.steps_per_epoch(world_size=2, accumulation=2) == 25 / (2 * B)
+    assert dm.epoch_length(world_size=1) == 50 and dm.epoch_length(world_size=2) == 50
+    assert dm.epoch_length(world_size=3) == 48  # every rank gets as many rows
 
 
 def test_bad_specs_fail_early(tokenizer_dir):
@@ -152,7 +155,7 @@ def test_bad_specs_fail_early(tokenizer_dir):
 @pytest.mark.parametrize("data", ["mid_mix", "sft_mix"])
 def test_default_mixtures_are_offline_and_validation_is_held_out(tokenizer_dir, data):
     cfg = compose_config("train", [f"data={data}", f"tokenizer_dir={tokenizer_dir}"])
-    dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), _convert_="all")
+    dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), batch_size=cfg.stage.batch.per_device, _convert_="all")
     assert isinstance(dm, ChatDataModule) and len(dm.train_mixture) > 8000
     key = lambda c: json.dumps(c["messages"], sort_keys=True)  # noqa: E731
     train = {key(c) for c in dm.train_mixture}
@@ -164,6 +167,6 @@ def test_stage_configs_pick_the_mixture_and_overrides_change_it(tokenizer_dir):
     assert compose_config("train", ["stage=mid"]).data.tasks[2] == "gsm8k"
     cfg = compose_config("train", ["stage=sft", f"tokenizer_dir={tokenizer_dir}",
                                    "data.tasks=[gsm8k,{name:identity,start:16}]"])
-    dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), _convert_="all")
+    dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), batch_size=cfg.stage.batch.per_device, _convert_="all")
     assert [t.name for t in dm.train_mixture.tasks] == ["gsm8k", "identity"]
     assert len(dm.train_mixture) == 7473 + 71 - 16

@@ -136,7 +136,7 @@ def test_loss_ignores_every_target_the_mask_leaves_out(tokenizer):
         for p in model.parameters():
             p.normal_(0, 0.1)
     seq_len = 96
-    inputs, targets = (torch.tensor([row]) for row in render_row(tokenizer, TOOL, seq_len))
+    inputs, targets = (torch.tensor([row]) for row in render_row(tokenizer, TOOL, seq_len)[:2])
     ids, mask = tokenizer.render_conversation(TOOL, max_tokens=seq_len + 1)
     learned = torch.zeros(seq_len, dtype=torch.bool)
     learned[: len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.bool)

@@ -16,7 +16,6 @@ from conftest import compose_config
 from llm import artifact
 from llm.reporting.curves import read_scalars
 from llm.model.gpt import GPT
-from llm.optim.groups import OptimizerConfig
 from llm.stages.chat import ChatModule
 from llm.tokenizer import Tokenizer
 from llm.train import model_config, run
@@ -30,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(stage: str, artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
     """d2 on 96-token rows, 4 conversations per micro-batch, 2 micro-batches per step."""
     return [f"stage={stage}", "model=d2", "trainer=cpu", f"paths.artifacts={artifacts}",
-            f"tokenizer_dir={tokenizer_dir}", "model.sequence_len=96", "data.batch_size=4", "data.num_workers=0",
-            "stage.total_batch_tokens=768", "stage.val_every=1000", "stage.val_batches=2",
+            f"tokenizer_dir={tokenizer_dir}", "model.sequence_len=96", "stage.batch.per_device=4", "data.num_workers=0",
+            "stage.batch.per_step=8", "stage.val_every=1000", "stage.val_batches=2",
             "trainer.precision=32-true", "trainer.enable_progress_bar=false", SMALL, *extra]
 
 
@@ -82,7 +81,7 @@ def test_sft_refuses_a_mid_of_another_shape(tmp_path, tokenizer, tokenizer_dir):
 def direct_val_loss(folder: Path, datamodule_overrides: list[str], tokenizer_dir: Path, batches: int):
     """Loss and token accuracy of the saved model on the first val batches, computed by hand."""
     cfg = compose_config("train", datamodule_overrides)
-    dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), _convert_="all")
+    dm = instantiate(cfg.data, tokenizer_dir=str(tokenizer_dir), batch_size=cfg.stage.batch.per_device, _convert_="all")
     model, _, _ = artifact.load_artifact(folder)
     losses, hits = [], []
     for batch, _ in zip(dm.val_batches(), range(batches)):
@@ -113,14 +112,14 @@ def test_mid_trains_on_assistant_tokens_for_one_epoch(tmp_path, tokenizer, token
     assert artifact.read_meta(tmp_path / "mid")["init_from"] == "base"
 
 
-def test_sft_learning_rates_are_scaled(tmp_path, tokenizer, tokenizer_dir):
-    module = ChatModule(model_config(compose_config("train", tiny("sft", tmp_path, tokenizer_dir)), tokenizer),
-                        optimizer=OptimizerConfig(), tokenizer=tokenizer,
-                        total_steps=10, lr_scale=0.02)
-    assert module.optimizer_config.matrix_lr == pytest.approx(0.02 * 0.02)
-    assert module.optimizer_config.embedding_lr == pytest.approx(0.2 * 0.02)
-    cfg = compose_config("train", ["stage=sft"])
-    assert cfg.stage.module.lr_scale == 0.02 and cfg.stage.init_from == "mid" and cfg.stage.epochs == 1
+def test_sft_learning_rates_are_scaled(tmp_path, tokenizer_dir):
+    cfg = compose_config("train", tiny("sft", tmp_path, tokenizer_dir, "plan_only=true"))
+    assert cfg.optimizer.lr_scale == 0.02 and cfg.stage.init_from == "mid" and cfg.stage.epochs == 1
+    rates = run(cfg)["plan"]["learning_rates"]  # the plan shows what the optimizer groups get
+    width = (128 / 768) ** -0.5  # d2
+    assert rates["matrix"] == pytest.approx(0.02 * 0.02)
+    assert rates["embedding"] == pytest.approx(0.2 * 0.02 * width)
+    assert compose_config("train", ["stage=mid"]).optimizer.lr_scale == 1.0
 
 
 TRAINING_STEP = ChatModule.training_step  # unpatched, whatever a test patches in

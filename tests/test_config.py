@@ -57,9 +57,9 @@ def test_the_depth_dial_and_the_hardware_profile():
     cfg = compose_config("train", ["model=d26", "trainer=gpu"])
     config = instantiate(cfg.model, vocab_size=65536)
     assert (config.n_layer, config.n_embd, config.n_head, config.head_dim) == (26, 1664, 13, 128)
-    assert (config.sequence_len, cfg.data.batch_size, cfg.stage.total_batch_tokens) == (2048, 32, 524288)
+    assert (config.sequence_len, cfg.stage.batch.per_device, cfg.stage.batch.per_step) == (2048, 32, 524288)
     cpu = compose_config("train", ["model=d2", "trainer=ddp", "trainer.accelerator=cpu"])
-    assert (cpu.model.sequence_len, cpu.data.batch_size, cpu.stage.total_batch_tokens) == (256, 8, 4096)
+    assert (cpu.model.sequence_len, cpu.stage.batch.per_device, cpu.stage.batch.per_step) == (256, 8, 4096)
     gpt2 = instantiate(compose_config("train", ["model=gpt2"]).model, vocab_size=50304)
     assert gpt2.positions == "learned" and gpt2.tie_embeddings and gpt2.mlp == "gelu"
 
@@ -109,7 +109,7 @@ def test_multirun_sweep_jobs_write_separate_artifacts(tmp_path, tokenizer_dir):
     out = subprocess.run(
         [sys.executable, "-m", "llm.train", "-m", "stage=base", "model=d2", "trainer=cpu", "trainer.max_steps=2",
          "optimizer.matrix_lr=0.01,0.02", f"paths.artifacts={tmp_path}", f"tokenizer_dir={tokenizer_dir}",
-         "model.sequence_len=32", "data.batch_size=4", "data.num_workers=0", "stage.total_batch_tokens=128",
+         "model.sequence_len=32", "stage.batch.per_device=4", "data.num_workers=0", "stage.batch.per_step=128",
          "stage.val_batches=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}/multirun/sweep1"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -29,7 +29,8 @@ def overrides(artifacts, *extra: str) -> list[str]:
     return [f"paths.artifacts={artifacts}", "source=sft", "trainer.precision=32-true", "progress=false",
             f"core.bundle={BUNDLE}", "task_options.arc_easy.source=fixture", "task_options.mmlu.source=fixture",
             "data=files", f"data.source.files=[{artifacts}/heldout.jsonl]", "data.val_docs=20",
-            "generation.max_tokens=8", "heldout.max_tokens=1536", "sandbox.timeout_s=3", *extra]
+            "generation.max_tokens=8", "heldout.max_tokens=1536", "sandbox.timeout_s=3",
+            "chat_loss.val_tasks=[{name:identity,split:train,stop:5}]", *extra]
 
 
 def eval_section(artifacts) -> dict:
@@ -38,12 +39,14 @@ def eval_section(artifacts) -> dict:
 
 def test_two_processes_give_exactly_the_one_process_scores(artifacts, tmp_path):
     # batch_size=1 and 3 examples per task: the two ranks get uneven shares (2 and 1)
-    common = overrides(artifacts, "tasks=[bpb,core,arc_easy,gsm8k,humaneval]", "max_per_task=3", "batch_size=1")
+    common = overrides(artifacts, "tasks=[bpb,chat_loss,core,arc_easy,gsm8k,humaneval]", "max_per_task=3",
+                       "batch_size=1")
     one = evaluate(compose_config("eval", common))
     single = eval_section(artifacts)
     assert single["world_size"] == 1
     assert {k: v["total"] for k, v in single["tasks"].items()} == {"arc_easy": 3, "gsm8k": 3, "humaneval": 3}
     assert sorted(single["core_tasks"]) == ["cause_effect", "last_word", "pronoun_schema", "science_mc"]
+    assert single["chat_loss_conversations"] == 5 and single["chat_loss"] > 0
 
     cmd = [sys.executable, "-m", "llm.eval", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            f"hydra.run.dir={tmp_path}/hydra"]
@@ -55,7 +58,7 @@ def test_two_processes_give_exactly_the_one_process_scores(artifacts, tmp_path):
     assert one.bpb.bpb == double["val_bpb"]
     # the table on stdout, printed once (by rank 0)
     assert proc.stdout.count("| **ChatCORE** |") == 1
-    for line in ("| arc_easy | categorical | 3 |", "| science_mc | core | 3 |", "| **val bpb** |"):
+    for line in ("| arc_easy | categorical | 3 |", "| science_mc | core | 3 |", "| **val bpb** |", "| **chat loss** |"):
         assert line in proc.stdout
 
 

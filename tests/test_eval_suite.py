@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from eval_support import make_model, make_tokenizer
+from llm.evaluate.chat_loss import evaluate_chat_loss
 from llm.evaluate.heldout import evaluate_bpb, heldout_rows
 from llm.evaluate.record import merge_eval
 from llm.evaluate.results import Accuracy, TaskResult, centered, mean_centered
 from llm.evaluate.sharding import Shard
 from llm.evaluate.suite import SuiteResults, SuiteSettings
+from llm.tasks import build_task
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,23 @@ def test_bad_shards_are_refused():
         Shard(2, 2)
     with pytest.raises(ValueError, match="batch_size=0"):
         Shard().batches(5, 0)
+
+
+def test_chat_loss_is_the_mean_loss_of_the_assistant_tokens(tokenizer):
+    model = make_model(tokenizer, sequence_len=48)  # long conversations are cut to the row
+    conversations = build_task("identity", "train")[:5]
+    result = evaluate_chat_loss(model, tokenizer, conversations, batch_size=2, progress=False)
+    nats, count = 0.0, 0
+    for conversation in conversations:  # one at a time, from the rendering and its mask
+        ids, mask = tokenizer.render_conversation(conversation, max_tokens=49)
+        inputs, targets = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+        learned = torch.tensor([mask[1:]], dtype=torch.bool)
+        with torch.no_grad():
+            losses = F.cross_entropy(model(inputs)[0], targets[0], reduction="none")
+        nats += float(losses[learned[0]].double().sum())
+        count += int(learned.sum())
+    assert (result.tokens, result.conversations) == (count, 5)
+    assert result.loss == pytest.approx(nats / count, rel=1e-6)
 
 
 def test_heldout_rows_pack_bos_delimited_documents(tokenizer):

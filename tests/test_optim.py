@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from llm.optim.groups import OptimizerConfig, build_optimizer, build_param_groups
+from conftest import optimizer_config
+from llm.optim.groups import build_optimizer, build_param_groups
 from llm.optim.muon import MuonAdamW, zeropower_via_newtonschulz5
 from llm.optim.schedule import apply_schedule, lr_multiplier, muon_momentum
 
@@ -83,7 +84,7 @@ def make_batch(step, batch=4, cfg=TinyConfig()):
 def train(model, opt, steps, cfg, start=0, total=5, rank=0, world=1):
     """Steps [start, steps) on the global batch; each rank takes its contiguous slice."""
     for step in range(start, steps):
-        apply_schedule(opt, step, total, warmup_ratio=0.2, warmdown_ratio=0.4, momentum=cfg)
+        apply_schedule(opt, step, total, warmup_ratio=0.2, warmdown_ratio=0.4, final_lr_frac=0.0, momentum=cfg)
         x, y = make_batch(step)
         per_rank = x.size(0) // world
         sl = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -178,7 +179,7 @@ def _groups(opt):
 
 def test_grouping_untied_with_lr_scaling():
     model = make_model(learned_pos=True)
-    cfg = OptimizerConfig()
+    cfg = optimizer_config()
     groups = _groups(build_optimizer(model, cfg))
     s = (32 / 768) ** -0.5
     assert set(groups) == {"matrix", "embedding", "unembedding", "scalar"}
@@ -196,9 +197,19 @@ def test_grouping_untied_with_lr_scaling():
     assert len(every) == len(set(every)) == len(list(model.parameters()))
 
 
+def test_lr_scale_multiplies_every_group():
+    model = make_model(learned_pos=True)
+    full = _groups(build_optimizer(model, optimizer_config()))
+    scaled = _groups(build_optimizer(model, optimizer_config(lr_scale=0.02)))
+    for name, group in full.items():
+        assert scaled[name]["lr"] == pytest.approx(0.02 * group["lr"]) and scaled[name]["initial_lr"] == scaled[name]["lr"]
+    with pytest.raises(ValueError, match="lr_scale"):
+        optimizer_config(lr_scale=0.0)
+
+
 def test_grouping_tied_has_no_duplicate_and_trains():
     model = make_model(tied=True)
-    opt = build_optimizer(model, OptimizerConfig())
+    opt = build_optimizer(model, optimizer_config())
     groups = _groups(opt)
     assert "unembedding" not in groups and "embedding" not in groups
     assert groups["tied_embedding"]["params"] == [model.wte.weight]
@@ -216,7 +227,7 @@ def test_grouping_tied_has_no_duplicate_and_trains():
 
 
 def test_adamw_mode_and_yaml_list_betas():
-    cfg = OptimizerConfig(name="adamw", matrix_lr=1e-3, adam_betas=[0.9, 0.99], weight_decay=0.1)
+    cfg = optimizer_config("adamw", matrix_lr=1e-3, adam_betas=[0.9, 0.99], weight_decay=0.1)
     assert cfg.adam_betas == (0.9, 0.99)
     groups = _groups(build_optimizer(make_model(), cfg))
     assert all(g["kind"] == "adamw" and g["betas"] == (0.9, 0.99) for g in groups.values())
@@ -226,13 +237,13 @@ def test_adamw_mode_and_yaml_list_betas():
 
 def test_bad_config_and_unknown_param_raise():
     with pytest.raises(ValueError, match="sgd"):
-        OptimizerConfig(name="sgd")
+        optimizer_config(name="sgd")
     with pytest.raises(ValueError, match="adam_betas"):
-        OptimizerConfig(adam_betas=[0.9])
+        optimizer_config(adam_betas=[0.9])
     model = make_model()
     model.extra = nn.Parameter(torch.randn(4, 4))  # a 2-D weight outside blocks: no rule for it
     with pytest.raises(ValueError, match="extra"):
-        build_optimizer(model, OptimizerConfig())
+        build_optimizer(model, optimizer_config())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +251,7 @@ def test_bad_config_and_unknown_param_raise():
 
 
 def test_state_dict_resume_is_bit_identical():
-    cfg = OptimizerConfig()
+    cfg = optimizer_config()
     model = make_model()
     opt = build_optimizer(model, cfg)
     train(model, opt, 3, cfg)
@@ -269,23 +280,24 @@ def test_lr_multiplier_boundaries():
     assert [f(0), f(1), f(2), f(7)] == [0.5, 1.0, 1.0, 1.0]
     assert f(8) == pytest.approx(0.1 + 0.9 * 2 / 3)
     assert f(10) == pytest.approx(0.1) and f(12) == pytest.approx(0.1)
-    assert lr_multiplier(0, 10) == 1.0 and lr_multiplier(10, 10) == 0.0
-    assert lr_multiplier(50, 10, warmdown_ratio=0.0) == 1.0
+    g = lambda s, **kw: lr_multiplier(s, 10, **{"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, **kw})  # noqa: E731
+    assert g(0) == 1.0 and g(10) == 0.0
+    assert g(50, warmdown_ratio=0.0) == 1.0
 
 
 @pytest.mark.parametrize("kw", [dict(warmup_ratio=0.6, warmdown_ratio=0.5), dict(warmup_ratio=-0.1),
                                 dict(warmdown_ratio=1.5), dict(final_lr_frac=2.0)])
 def test_bad_schedule_raises(kw):
     with pytest.raises(ValueError, match="ratio|final_lr_frac"):
-        lr_multiplier(0, 10, **kw)
+        lr_multiplier(0, 10, **{"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, **kw})
 
 
 def test_momentum_warmup_and_apply_schedule():
-    cfg = OptimizerConfig()
+    cfg = optimizer_config()
     assert muon_momentum(0, cfg) == 0.85 and muon_momentum(300, cfg) == 0.95 and muon_momentum(10**6, cfg) == 0.95
     assert muon_momentum(150, cfg) == pytest.approx(0.90)
     opt = build_optimizer(make_model(), cfg)
-    mult = apply_schedule(opt, 9, 10, warmdown_ratio=0.5, momentum=cfg)
+    mult = apply_schedule(opt, 9, 10, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0, momentum=cfg)
     assert mult == pytest.approx(0.2)
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.2 * g["initial_lr"])
@@ -332,7 +344,7 @@ def _run_fsdp(rank, world, out_dir):
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-    cfg = OptimizerConfig()
+    cfg = optimizer_config()
     model = _sharded_model(seed=0)
     opt = build_optimizer(model, cfg)  # after sharding: params are DTensors
     train(model, opt, CKPT_AT, cfg, total=STEPS, rank=rank, world=world)
@@ -360,7 +372,7 @@ def _run_fsdp(rank, world, out_dir):
 def _run_ddp(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cfg = OptimizerConfig()
+    cfg = optimizer_config()
     model = make_model(seed=0, dtype=torch.float64)
     opt = build_optimizer(model, cfg)
     train(DDP(model), opt, STEPS, cfg, total=STEPS, rank=rank, world=world)
@@ -383,7 +395,7 @@ def distributed_results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_process_params():
-    cfg = OptimizerConfig()
+    cfg = optimizer_config()
     model = make_model(seed=0, dtype=torch.float64)
     # distributed CPU runs take torch's single-tensor AdamW kernel (see MuonAdamW), so compare with it
     train(model, MuonAdamW(build_param_groups(model, cfg), fused=False), STEPS, cfg, total=STEPS)

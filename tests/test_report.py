@@ -13,9 +13,10 @@ from eval_support import REPO, make_artifact
 from llm.artifact import write_json
 from llm.reporting import report_card
 from llm.evaluate.record import merge_eval
-from llm.reporting.report_card import ROWS, Row, before_after, render_report, write_report
+from llm.reporting.report_card import ROWS, Row, before_after, key, render_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAGES, CURVES = ["base", "mid", "sft", "rl"], ["train/loss", "val/bpb"]  # conf/report.yaml's kind of lists
 
 
 def write_curves(folder, losses, val_bpb):
@@ -47,15 +48,15 @@ def pipeline(tmp_path):
     make_artifact(artifacts, "base", metrics={
         "train_loss": 3.9, "steps": 4, "tokens": 2_097_152, "wall_time_s": 3725.0, "num_params": 1_234_567,
         "tensorboard_dir": str(tb), "eval": base_eval})
-    sft_eval = merge_eval(None, {"tasks": {"arc_easy": chat_result(40, 100, 0.25),
-                                           "gsm8k": chat_result(5, 50, 0.0)}})
+    sft_eval = merge_eval(None, {"tasks": {"arc_easy": chat_result(40, 100, 0.25), "gsm8k": chat_result(5, 50, 0.0),
+                                           "arc_challenge": chat_result(3, 12, 0.25)}})  # 12 fixture rows
     make_artifact(artifacts, "sft", metrics={"train_loss": 1.25, "wall_time_s": 65.0, "tokens": 1000,
                                              "tensorboard_dir": str(tmp_path / "gone"), "eval": sft_eval})
     return artifacts
 
 
 def test_report_card_holds_every_stage_and_marks_missing_ones(pipeline):
-    out = write_report(pipeline, pipeline / "report.md")
+    out = write_report(pipeline, pipeline / "report.md", STAGES, CURVES)
     text = out.read_text()
     summary = text.split("## Summary")[1].split("## Tokenizer")[0]
     assert "| metric | base | mid (missing) | sft | rl (missing) |" in summary
@@ -64,7 +65,10 @@ def test_report_card_holds_every_stage_and_marks_missing_ones(pipeline):
     assert f"| CORE | {(0.05 / 0.75 + 0.2) / 2:.4f} | — | — | — |" in summary
     assert "| ARC-Easy | — | — | 40.00% (n=100) | — |" in summary
     assert "| GSM8K | — | — | 10.00% (n=50) | — |" in summary
-    assert f"| ChatCORE | — | — | {(0.15 / 0.75 + 0.1) / 2:.4f} | — |" in summary
+    # 12 examples are a smoke check, not an accuracy, and so is a ChatCORE that averages them in
+    assert "| ARC-Challenge | — | — | 25.00% (n=12, smoke check) | — |" in summary
+    assert f"| ChatCORE | — | — | {(0.15 / 0.75 + 0.1 + 0.0) / 3:.4f} (smoke check) | — |" in summary
+    assert "| arc_challenge | 12 (smoke check) | 25.00% |" in text and "| arc_easy | 100 | 40.00% |" in text
     assert "| wall time | 1h02m05s | — | 1m05s | — |" in summary
     assert "| tokens seen | 2.10M | — | 1.00K | — |" in summary
     assert "Total training wall time: 1h03m10s" in summary
@@ -79,17 +83,17 @@ def test_report_card_holds_every_stage_and_marks_missing_ones(pipeline):
 
 
 def test_an_empty_artifacts_folder_still_reports(tmp_path):
-    text = render_report(tmp_path, tmp_path / "report.md")
+    text = render_report(tmp_path, tmp_path / "report.md", STAGES, CURVES)
     assert "| metric | base (missing) | mid (missing) | sft (missing) | rl (missing) |" in text
     assert "no tokenizer/compression.json" in text
 
 
 def test_a_stage_adds_a_row_with_one_line(pipeline, monkeypatch):
-    monkeypatch.setattr(report_card, "ROWS", [*ROWS, Row("RL steps", lambda m: str(m.get("steps")), ("rl",))])
+    monkeypatch.setattr(report_card, "ROWS", [*ROWS, Row("RL epochs", key("rl_epochs", "d"))])
     rl = json.loads((pipeline / "sft" / "metrics.json").read_text())
-    make_artifact(pipeline, "rl", metrics={**rl, "steps": 7, "reward_before": 0.125, "reward_after": 0.5})
-    text = render_report(pipeline, pipeline / "report.md")
-    assert "| RL steps | — | — | — | 7 |" in text
+    make_artifact(pipeline, "rl", metrics={**rl, "rl_epochs": 7, "reward_before": 0.125, "reward_after": 0.5})
+    text = render_report(pipeline, pipeline / "report.md", STAGES, CURVES)
+    assert "| RL epochs | — | — | — | 7 |" in text  # a cell only where the metric exists
     assert "| RL reward (before → after) | — | — | — | 0.1250 → 0.5000 |" in text  # a built-in RL row
     assert "| GSM8K pass@1 (before → after) | — | — | — | — |" in text
     assert before_after("a", "b")({"a": 1.0}) == "1.0000 → —"

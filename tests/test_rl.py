@@ -12,13 +12,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import compose_config
+from conftest import compose_config, optimizer_config
 from llm import artifact
 from llm.data.rl import RLDataModule
 from llm.generate.engine import Generator
 from llm.generate.sampling import Sampling
 from llm.model.gpt import GPT, GPTConfig
-from llm.optim.groups import OptimizerConfig
 from llm.reporting.curves import read_scalars
 from llm.stages.rl import (RLModule, Rollouts, group_advantages, policy_gradient_loss, policy_rows,
                            sample_rollouts)
@@ -36,7 +35,7 @@ def tiny(stage: str, artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[
     return [f"stage={stage}", "model=d2", "trainer=cpu", f"paths.artifacts={artifacts}",
             f"tokenizer_dir={tokenizer_dir}", "model.sequence_len=128", "trainer.precision=32-true",
             "trainer.enable_progress_bar=false",
-            *(ARITH if stage == "rl" else []), "data.batch_size=4", "stage.prompts_per_step=4",
+            *(ARITH if stage == "rl" else []), "stage.batch.per_device=4", "stage.batch.per_step=4",
             "stage.module.sampling.num_samples=4", "stage.module.sampling.max_tokens=24", "stage.module.eval_samples=2",
             "data.val_tasks=[{name:arithmetic,split:test,difficulty:1,size:8}]", "stage.val_every=1000", *extra]
 
@@ -183,7 +182,7 @@ def test_same_seed_same_first_update(tmp_path, tokenizer, tokenizer_dir, monkeyp
     def first_update(name: str, seed: int) -> dict:
         save_sft(tmp_path / name, tokenizer, tokenizer_dir)
         metrics = run(compose_config("train", tiny("rl", tmp_path / name, tokenizer_dir, "trainer.max_steps=1",
-                                                   f"seed={seed}", "stage.module.lr_scale=1.0")))
+                                                   f"seed={seed}", "optimizer.lr_scale=1.0")))
         assert metrics["steps"] == 1 and artifact.read_meta(tmp_path / name / "rl")["init_from"] == "sft"
         return artifact.load_artifact(tmp_path / name / "rl")[0].state_dict()
 
@@ -202,7 +201,7 @@ class Killed(Exception):
 def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, tokenizer, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(RLDataModule, "reward", lambda self, conversation, text: float(len(text) % 2))
     overrides = lambda name: tiny("rl", tmp_path / name, tokenizer_dir, "trainer.max_steps=3",  # noqa: E731
-                                  "stage.module.lr_scale=1.0", "stage.save_every=1")
+                                  "optimizer.lr_scale=1.0", "stage.save_every=1")
     for name in ("straight", "killed"):
         save_sft(tmp_path / name, tokenizer, tokenizer_dir)
     straight = run(compose_config("train", overrides("straight")))
@@ -240,8 +239,9 @@ def test_rl_refuses_without_an_sft_artifact(tmp_path, tokenizer_dir):
 
 
 def test_rl_refuses_fsdp(tokenizer):
-    module = RLModule(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=32), OptimizerConfig(),
-                      tokenizer, total_steps=1, sampling=Sampling(max_tokens=8), eval_samples=2, seed=0, lr_scale=1.0)
+    module = RLModule(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=32), optimizer_config(),
+                      tokenizer, total_steps=1, sampling=Sampling(max_tokens=8), eval_samples=2, seed=0,
+                      warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
     module._device_mesh = object()  # what ModelParallelStrategy hands the module
     with pytest.raises(ValueError, match="trainer=ddp"):
         module.configure_model()
@@ -269,7 +269,7 @@ def test_rl_data_shards_by_rank_and_refuses_tasks_without_reward(tokenizer, toke
 def test_ddp_ranks_roll_out_disjoint_prompts(tmp_path, tokenizer, tokenizer_dir):
     save_sft(tmp_path, tokenizer, tokenizer_dir)
     overrides = tiny("rl", tmp_path, tokenizer_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                     "trainer.max_steps=2", "data.batch_size=2")
+                     "trainer.max_steps=2", "stage.batch.per_device=2")
     proc = subprocess.run([sys.executable, "-m", "llm.train", *overrides, f"hydra.run.dir={tmp_path}/hydra"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -290,15 +290,15 @@ def test_rl_raises_the_reward_on_held_out_arithmetic(tmp_path, tokenizer_dir):
     common = ["model=d2", "trainer=cpu", f"paths.artifacts={tmp_path}", f"tokenizer_dir={tokenizer_dir}",
               "model.sequence_len=128", "trainer.precision=32-true", "trainer.enable_progress_bar=false"]
     run(compose_config("train", [
-        "stage=sft", *common, "stage.init_from=null", "trainer.max_steps=80", "stage.module.lr_scale=1.0",
+        "stage=sft", *common, "stage.init_from=null", "trainer.max_steps=80", "optimizer.lr_scale=1.0",
         "stage.module.warmdown_ratio=0.3", "optimizer.muon_momentum_warmup_steps=0",
         "data.tasks=[{name:arithmetic,difficulty:1,size:20000}]",
-        "data.val_tasks=[{name:arithmetic,split:test,difficulty:1,size:16}]", "data.batch_size=16",
-        "data.num_workers=0", "stage.total_batch_tokens=2048", "stage.val_every=1000", "stage.val_batches=1"]))
+        "data.val_tasks=[{name:arithmetic,split:test,difficulty:1,size:16}]", "stage.batch.per_device=16",
+        "data.num_workers=0", "stage.batch.per_step=16", "stage.val_every=1000", "stage.val_batches=1"]))
     metrics = run(compose_config("train", [
-        "stage=rl", *common, "data=rl_arith", "trainer.max_steps=30", "stage.prompts_per_step=8", "data.batch_size=8",
+        "stage=rl", *common, "data=rl_arith", "trainer.max_steps=30", "stage.batch.per_step=8", "stage.batch.per_device=8",
         "stage.module.sampling.num_samples=8", "stage.module.sampling.max_tokens=48", "stage.module.eval_samples=4",
-        "stage.module.lr_scale=0.3", "optimizer.embedding_lr=0.02", "stage.val_every=1000"]))
+        "optimizer.lr_scale=0.3", "optimizer.embedding_lr=0.02", "stage.val_every=1000"]))
     before, after = metrics["reward_before"], metrics["reward_after"]
     print(f"held-out reward {before:.3f} -> {after:.3f}, pass@4 {metrics['val_pass@4']:.3f}")
     assert 0.1 < before < 0.5  # a model with something to learn

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny(artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
     """Overrides for a d2 model on 64-token rows: a step takes a fraction of a second."""
     return ["stage=base", "model=d2", "trainer=cpu", f"paths.artifacts={artifacts}", f"tokenizer_dir={tokenizer_dir}",
-            "model.sequence_len=64", "data.batch_size=8", "data.num_workers=0", "stage.total_batch_tokens=512",
+            "model.sequence_len=64", "stage.batch.per_device=8", "data.num_workers=0", "stage.batch.per_step=512",
             "stage.val_every=1000", "stage.val_batches=2", "stage.module.sample_every=0",
             "trainer.enable_progress_bar=false", *extra]
 
@@ -97,9 +97,9 @@ def test_two_processes_match_one(tmp_path, tokenizer_dir, strategy):
     # rounding (amplified by Adam's first sign-like steps) depends on the CPU's kernels; in float64
     # it stays far below the tolerances, while a real divergence moves losses and weights by > 1e-3.
     common = ["trainer.max_steps=3", "trainer.precision=64-true", "optimizer.muon_momentum_warmup_steps=0"]
-    single = tiny(tmp_path / "one", tokenizer_dir, *common, "data.num_workers=2", "stage.total_batch_tokens=2048")
+    single = tiny(tmp_path / "one", tokenizer_dir, *common, "data.num_workers=2", "stage.batch.per_step=2048")
     run(compose_config("train", single))
-    multi = tiny(tmp_path / strategy, tokenizer_dir, *common, "data.num_workers=1", "stage.total_batch_tokens=2048",
+    multi = tiny(tmp_path / strategy, tokenizer_dir, *common, "data.num_workers=1", "stage.batch.per_step=2048",
                  f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2")
     finish(cli(multi, tmp_path))
     one, two = (load_artifact(tmp_path / name / "base", dtype=torch.float64)[0] for name in ("one", strategy))

@@ -30,13 +30,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Iterator
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llm.tasks import Task, build_mixture
-from llm.data.loading import batch_loader, gather_from_ranks, rank_and_world
+from llm.data.loading import StageDataModule, batch_loader, gather_from_ranks, rank_and_world
 from llm.tokenizer import Tokenizer
 
 TaskSpec = str | dict[str, Any]
@@ -50,13 +49,14 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows).astype(np.int64)
 
 
-def render_row(tokenizer: Tokenizer, conversation: dict, seq_len: int) -> tuple[list[int], list[int]]:
-    """(inputs, targets) of one conversation, both exactly seq_len long; targets are -1 where not learned."""
+def render_row(tokenizer: Tokenizer, conversation: dict, seq_len: int) -> tuple[list[int], list[int], int]:
+    """(inputs, targets, real length) of one conversation: inputs and targets exactly seq_len long, targets
+    -1 where not learned; the length counts the inputs before padding."""
     ids, mask = tokenizer.render_conversation(conversation, max_tokens=seq_len + 1)
     inputs = ids[:-1]
     targets = [t if learn else -1 for t, learn in zip(ids[1:], mask[1:])]
     pad = seq_len - len(inputs)
-    return inputs + [tokenizer.bos_id] * pad, targets + [-1] * pad
+    return inputs + [tokenizer.bos_id] * pad, targets + [-1] * pad, len(inputs)
 
 
 class ChatBatches(IterableDataset):
@@ -96,14 +96,15 @@ class ChatBatches(IterableDataset):
 
     def _batch(self, tokenizer: Tokenizer, start: int, stop: int) -> dict:
         rows = [render_row(tokenizer, self.mixture[self.mixture_index(p)], self.seq_len) for p in range(start, stop)]
-        inputs, targets = zip(*rows)
+        inputs, targets, lengths = zip(*rows)
         return {"inputs": torch.tensor(inputs, dtype=torch.long),
                 "targets": torch.tensor(targets, dtype=torch.long),
+                "tokens": torch.tensor(sum(lengths), dtype=torch.long),  # real input tokens, padding left out
                 "cursor": torch.tensor([self.rank, stop], dtype=torch.long),
                 "epoch": torch.tensor(stop / self.rows_per_epoch, dtype=torch.float32)}
 
 
-class ChatDataModule(L.LightningDataModule):
+class ChatDataModule(StageDataModule):
     """tasks / val_tasks: mixture specs for llm.tasks.build_mixture (a task name, or a dict with "name",
     optional "weight", "split" and constructor kwargs). `size` sets the rows of a weighted mixture."""
 
@@ -125,9 +126,9 @@ class ChatDataModule(L.LightningDataModule):
         self.val_mixture = build_mixture(list(val_tasks), split="test", seed=seed)
         self.rows_consumed = 0  # of this rank's training stream
 
-    def steps_per_epoch(self, world_size: int, accumulation: int) -> float:
-        """Optimizer steps in one pass over the training mixture (llm.train derives stage.epochs from it)."""
-        return (len(self.train_mixture) // world_size) / (self.batch_size * accumulation)
+    def epoch_length(self, world_size: int) -> int:
+        """Conversations one pass over the training mixture uses on all ranks (each rank gets as many)."""
+        return (len(self.train_mixture) // world_size) * world_size
 
     # ---- the two loaders -------------------------------------------------------------------
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llm.data.sources import TextSource, iter_texts, load_documents
-from llm.data.loading import batch_loader, gather_from_ranks, rank_and_world
+from llm.data.loading import StageDataModule, batch_loader, gather_from_ranks, rank_and_world
 from llm.tokenizer import Tokenizer
 
 _ENCODE_CHUNK = 64  # documents tokenized per call (sentencepiece batches them in C++)
@@ -111,9 +110,9 @@ class PackedTokenStream(IterableDataset):
                        "cursor": torch.tensor([shard, ep, d, off + (cut - pos)], dtype=torch.long)}
 
 
-class PretrainDataModule(L.LightningDataModule):
-    def __init__(self, source: TextSource, tokenizer_dir: str, batch_size: int, seq_len: int,
-                 num_workers: int = 1, val_docs: int = 256):
+class PretrainDataModule(StageDataModule):
+    def __init__(self, source: TextSource, tokenizer_dir: str, batch_size: int, seq_len: int, num_workers: int,
+                 val_docs: int):
         super().__init__()
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"data.batch_size={batch_size} and data.seq_len={seq_len} must be positive")

@@ -8,7 +8,8 @@ run continues with exactly the prompts an uninterrupted one would have seen.
 
 Each batch: {"prompts": B lists of token ids (the conversation up to <|assistant_start|>),
              "conversations": the B reference conversations (what `reward` checks answers against),
-             "index": (B,) mixture rows, "cursor": [rank, prompts consumed], "epoch": passes so far}.
+             "index": (B,) mixture rows, "cursor" (for resume), "position": [rank, prompts of the rank's
+             stream up to this batch's end] (fixes the batch's sampling seeds), "epoch": passes so far}.
 
 `reward(conversation, completion)` finds the conversation's task by the name it is tagged with and
 asks that task; every task named in `tasks` and `val_tasks` must implement Task.reward (checked here,
@@ -48,6 +49,7 @@ class PromptBatches(ChatBatches):
                 "conversations": conversations,
                 "index": torch.tensor(index, dtype=torch.long),
                 "cursor": torch.tensor([self.rank, stop], dtype=torch.long),
+                "position": torch.tensor([self.rank, stop], dtype=torch.long),  # seeds the batch's rollouts
                 "epoch": torch.tensor(stop / self.rows_per_epoch, dtype=torch.float64)}
 
 

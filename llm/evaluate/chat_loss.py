@@ -1,48 +1,49 @@
-"""Masked loss of artifacts on the held-out chat conversations (the chat stages' validation set).
+"""Masked loss on held-out conversations: the chat stages' validation set, for any artifact.
 
-    python -m llm.evaluate.chat_loss base sft        # the same conversations for every artifact
+    python -m llm.eval source=base tasks=[chat_loss]     # the same conversations for every artifact
 
-The base model never saw the chat format, so this shows what mid-training and SFT bought on the
-exact data the chat stages validate on (conf/data/_chat.yaml: val_tasks).
+The conversations are conf/data/_chat_val.yaml's val_tasks, the set mid-training and SFT validate on;
+the base model never saw the chat format, so this shows what those stages bought on exactly that data.
+Each conversation is one row (rendered, cut to the model's context, padded); the loss counts only what
+the assistant writes, summed over every rank's rows before it is divided (so ranks change nothing).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+import torch.nn as nn
+from torchmetrics import SumMetric
 
-from llm.artifact import load_artifact, resolve_artifact
-from llm.config import absolute  # also registers the resolvers the configs use
+from llm.conversation import Conversation
+from llm.data.chat import render_row
+from llm.evaluate.sharding import Shard
+from llm.tokenizer import Tokenizer
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+@dataclass(frozen=True)
+class ChatLossResult:
+    loss: float  # mean nats per assistant token
+    tokens: int  # assistant tokens scored, over every rank
+    conversations: int
+
+    def to_dict(self) -> dict:
+        return {"chat_loss": self.loss, "chat_loss_tokens": self.tokens, "chat_loss_conversations": self.conversations}
 
 
 @torch.no_grad()
-def chat_val_loss(folder: Path, artifacts: Path) -> float:
-    model, tokenizer, meta = load_artifact(folder)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", ["stage=sft", "trainer=cpu", f"model.sequence_len={model.config.sequence_len}",
-                                f"paths.artifacts={artifacts}"])
-    data = instantiate(cfg.data, tokenizer_dir=str(folder), _convert_="all")
-    total, count = 0.0, 0
-    for batch in data.val_batches():
-        targets = batch["targets"]
-        total += model(batch["inputs"], targets=targets, reduction="sum").item()
-        count += int((targets >= 0).sum())
-    return total / max(count, 1)
-
-
-def main(sources: list[str]) -> None:
-    artifacts = absolute(os.environ.get("LLM_HOME", "./artifacts"))
-    for source in sources:
-        folder = resolve_artifact(source, artifacts)
-        print(f"{source:>6}: chat validation loss {chat_val_loss(folder, artifacts):.4f}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:] or ["base", "sft"])
+def evaluate_chat_loss(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Conversation],
+                       batch_size: int, shard: Shard = Shard(), progress: bool = True) -> ChatLossResult:
+    device = next(model.parameters()).device
+    seq_len = model.config.sequence_len
+    nats, count = (SumMetric().set_dtype(torch.float64).to(shard.device) for _ in range(2))
+    for batch in shard.progress(shard.batches(len(conversations), batch_size), "chat loss", progress):
+        rows = [render_row(tokenizer, conversations[i], seq_len) for i in batch]
+        inputs = torch.tensor([r[0] for r in rows], device=device)
+        targets = torch.tensor([r[1] for r in rows], device=device)
+        nats.update(model(inputs, targets=targets, reduction="sum").double())
+        count.update(float((targets >= 0).sum()))
+    total, tokens = float(nats.compute()), int(count.compute())
+    return ChatLossResult(total / max(tokens, 1), tokens, len(conversations))

@@ -1,6 +1,7 @@
 """An evaluation run: named tasks in, results (and the table that shows them) out.
 
     "bpb"        validation bits per byte on the held-out documents     (llm.evaluate.heldout)
+    "chat_loss"  masked loss on the chat stages' held-out conversations (llm.evaluate.chat_loss)
     "core"       the CORE tasks of an eval bundle                        (llm.evaluate.core)
     any categorical task of llm.tasks (arc_easy, arc_challenge, mmlu)    (llm.evaluate.categorical)
     any generative task of llm.tasks (gsm8k, humaneval, spelling_bee...) (llm.evaluate.generative)
@@ -19,36 +20,39 @@ import torch.nn as nn
 
 from llm.data.sources import TextSource, iter_texts
 from llm.evaluate.categorical import evaluate_categorical
+from llm.evaluate.chat_loss import ChatLossResult, evaluate_chat_loss
 from llm.evaluate.core import evaluate_core, load_bundle
 from llm.evaluate.generative import BatchGenerator, SandboxSettings, evaluate_generative
 from llm.evaluate.heldout import BpbResult, evaluate_bpb, heldout_rows
 from llm.evaluate.results import TaskResult, mean_centered
 from llm.evaluate.sharding import Shard
 from llm.generate.sampling import Sampling
-from llm.tasks import TASKS, HubUnavailableError, build_task
+from llm.tasks import TASKS, HubUnavailableError, build_mixture, build_task
 from llm.tasks.base import Task
 from llm.tokenizer import Tokenizer
 
-BASE_TASKS = ("bpb", "core")
-CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
-
-
-def default_tasks(stage: str) -> list[str]:
-    """nanochat's report card: bpb + CORE for a base model, the chat tasks after mid/sft/rl."""
-    return list(BASE_TASKS if stage == "base" else CHAT_TASKS)
+SUITE_TASKS = ("bpb", "chat_loss", "core")  # the suite's own; every other name is a task of llm.tasks
 
 
 @dataclass(frozen=True)
 class HeldoutSettings:
-    source: TextSource = field(default_factory=TextSource)
-    val_docs: int = 100
-    max_tokens: int | None = 65536
+    """Task "bpb": conf/eval.yaml's data (the source and its held-out first documents) and heldout."""
+    source: TextSource
+    val_docs: int
+    max_tokens: int | None
 
 
 @dataclass(frozen=True)
 class CoreSettings:
-    bundle: str | None = None  # folder of a DCLM/nanochat eval bundle
-    tasks: list[str] | None = None  # labels to run (None: all the bundle has)
+    bundle: str | None  # folder of a DCLM/nanochat eval bundle
+    tasks: list[str] | None  # labels to run (None: all the bundle has)
+
+
+@dataclass(frozen=True)
+class ChatLossSettings:
+    """Task "chat_loss": conf/eval.yaml's chat_loss section (conf/data/_chat_val.yaml)."""
+    val_tasks: list  # llm.tasks.build_mixture specs of the held-out conversations
+    seed: int  # their order
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,13 @@ class SuiteSettings:
     batch_size: int = 8
     generation: Sampling | None = None  # generative tasks
     sandbox: SandboxSettings | None = None  # HumanEval
-    heldout: HeldoutSettings = HeldoutSettings()
-    core: CoreSettings = CoreSettings()
+    heldout: HeldoutSettings | None = None  # each None: the tasks that need it cannot run
+    core: CoreSettings | None = None
+    chat_loss: ChatLossSettings | None = None
     task_options: dict[str, dict] = field(default_factory=dict)  # build_task kwargs per task (split, source...)
 
     def __post_init__(self):
-        known = set(BASE_TASKS) | set(TASKS)
+        known = set(SUITE_TASKS) | set(TASKS)
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
             raise ValueError(f"unknown evaluation tasks {unknown}; valid: {sorted(known)}")
@@ -79,6 +84,7 @@ class SuiteResults:
     tasks: dict[str, TaskResult] = field(default_factory=dict)  # chat tasks
     core: dict[str, TaskResult] = field(default_factory=dict)  # CORE tasks by label
     bpb: BpbResult | None = None
+    chat_loss: ChatLossResult | None = None
 
     @property
     def chatcore(self) -> float | None:
@@ -97,6 +103,8 @@ class SuiteResults:
             section["core_tasks"] = {k: {**r.to_dict(), "max_per_task": max_per_task} for k, r in self.core.items()}
         if self.bpb is not None:
             section.update(self.bpb.to_dict())
+        if self.chat_loss is not None:
+            section.update(self.chat_loss.to_dict())
         return section
 
     def table(self) -> str:
@@ -110,6 +118,9 @@ class SuiteResults:
             lines.append(f"| **ChatCORE** | mean of {len(self.tasks)} |  |  | {_num(self.chatcore)} |")
         if self.bpb is not None:
             lines.append(f"| **val bpb** | {self.bpb.tokens} tokens |  |  | {self.bpb.bpb:.4f} |")
+        if self.chat_loss is not None:
+            c = self.chat_loss
+            lines.append(f"| **chat loss** | {c.conversations} conversations | {c.tokens} |  | {c.loss:.4f} |")
         return "\n".join(lines)
 
 
@@ -122,8 +133,9 @@ def _num(x: float | None) -> str:
 
 
 def _not_evaluable(name: str) -> ValueError:
+    evaluable = sorted(n for n, t in TASKS.items() if getattr(t, "eval_type", None) is not None)
     return ValueError(f"task {name!r} cannot be evaluated (it has no right answers); evaluate tasks that do, "
-                      f"e.g. {', '.join(CHAT_TASKS)}, spelling_bee, arithmetic")
+                      f"e.g. {', '.join(evaluable)}")
 
 
 def load_chat_task(name: str, options: dict | None = None, max_per_task: int | None = None) -> Task:
@@ -145,16 +157,25 @@ def load_chat_task(name: str, options: dict | None = None, max_per_task: int | N
     return task[:max_per_task] if max_per_task and max_per_task > 0 else task
 
 
+_SETTINGS = {"bpb": "heldout", "core": "core", "chat_loss": "chat_loss"}
+
+
 def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, shard: Shard = Shard(),
               generator: BatchGenerator | None = None, progress: bool = True) -> SuiteResults:
     """Evaluate every task of settings.tasks (in order) on this rank's share; same results on all ranks."""
     results = SuiteResults()
     for name in settings.tasks:
+        if name in ("bpb", "core", "chat_loss") and getattr(settings, _SETTINGS[name]) is None:
+            raise ValueError(f"task {name!r} needs SuiteSettings.{_SETTINGS[name]} (conf/eval.yaml)")
         if name == "bpb":
             h = settings.heldout
             rows = heldout_rows(tokenizer, iter_texts(h.source, 0, h.val_docs), model.config.sequence_len + 1,
                                 h.max_tokens)
             results.bpb = evaluate_bpb(model, tokenizer, rows, settings.batch_size, shard, progress)
+        elif name == "chat_loss":
+            conversations = build_mixture(list(settings.chat_loss.val_tasks), split="test", seed=settings.chat_loss.seed)
+            results.chat_loss = evaluate_chat_loss(model, tokenizer, conversations, settings.batch_size, shard,
+                                                   progress)
         elif name == "core":
             if not settings.core.bundle:
                 raise FileNotFoundError("task 'core' needs an eval bundle: set core.bundle=<folder> "

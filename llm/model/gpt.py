@@ -86,7 +86,8 @@ class GPTConfig:
 
         n_layer = depth, n_embd = 64 * depth, heads of 128 channels: n_head = max(2, n_embd // 128),
         so widths under 256 get two smaller heads instead of one (d2: 128 wide = 2 heads of 64).
-        n_kv_head = n_head (no GQA). Every other field, or any of these, comes from `overrides`.
+        n_kv_head = n_head (no GQA). Every other field, or any of these, comes from `overrides` (a None
+        override keeps the dial's value, so a config can list every field).
         Examples: d4 -> 4 layers, 256 wide, 2 heads of 128; d20 -> 20 layers, 1280 wide, 10 heads.
         """
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -95,10 +96,13 @@ class GPTConfig:
         if unknown:
             fields = ", ".join(f.name for f in dataclasses.fields(cls))
             raise ValueError(f"unknown GPTConfig field(s) {sorted(unknown)}; valid fields are: {fields}")
-        n_embd = 64 * depth
-        n_head = max(2, n_embd // 128)
-        sized = dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head)
-        return cls(**{**sized, **overrides})
+        sized = {name: overrides.pop(name) for name in ("n_layer", "n_embd", "n_head", "n_kv_head")
+                 if overrides.get(name) is not None}
+        sized.setdefault("n_layer", depth)
+        sized.setdefault("n_embd", 64 * depth)
+        sized.setdefault("n_head", max(2, sized["n_embd"] // 128))
+        sized.setdefault("n_kv_head", sized["n_head"])
+        return cls(**{**{k: v for k, v in overrides.items() if k not in sized}, **sized})
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """
 Which parameter is trained by which rule, at which learning rate (as nanochat's setup_optimizers).
 
-    group          params                                   rule            lr
+    group          params                                   rule            lr (all times lr_scale)
     matrix         every 2-D weight inside model.blocks     Muon (AdamW*)   matrix_lr
     embedding      model.wte (+ model.wpe)                  AdamW           embedding_lr   * s
     unembedding    model.lm_head, when untied               AdamW           unembedding_lr * s
@@ -9,6 +9,9 @@ Which parameter is trained by which rule, at which learning rate (as nanochat's 
     scalar         every 0-D / 1-D param anywhere           AdamW           scalar_lr
 
     s = (n_embd / 768) ** -0.5        (* AdamW at matrix_lr * s when cfg.name == "adamw")
+    lr_scale: the stage's fraction of the optimizer's rates (nanochat's init_lr_frac: conf/stage/sft.yaml
+    sets optimizer.lr_scale=0.02); every scaling of a learning rate happens here, the schedule
+    (llm/optim/schedule.py) then multiplies over time.
 
 Choices (nanochat is silent on them):
 - Width scaling s applies to the AdamW groups holding matrices (their Adam step size per element
@@ -38,19 +41,20 @@ OPTIMIZER_NAMES = ("muon_adamw", "adamw")
 
 @dataclass
 class OptimizerConfig:
-    """Instantiated from conf/optimizer/*.yaml."""
+    """Instantiated from conf/optimizer/*.yaml (every value lives there; the stages set lr_scale)."""
 
-    name: str = "muon_adamw"  # "muon_adamw" | "adamw"
-    matrix_lr: float = 0.02  # Muon lr for hidden matrices (or AdamW lr for them when name == "adamw")
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.8, 0.95)
-    adam_eps: float = 1e-10
-    muon_momentum: float = 0.95
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 300
+    name: str  # "muon_adamw" | "adamw"
+    matrix_lr: float  # Muon lr for hidden matrices (or AdamW lr for them when name == "adamw")
+    embedding_lr: float
+    unembedding_lr: float
+    scalar_lr: float
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    adam_eps: float
+    muon_momentum: float
+    muon_momentum_warmup_start: float
+    muon_momentum_warmup_steps: int
+    lr_scale: float  # times every learning rate above
 
     def __post_init__(self):
         if self.name not in OPTIMIZER_NAMES:
@@ -62,6 +66,9 @@ class OptimizerConfig:
         for field in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field}={getattr(self, field)} is negative; use a value >= 0")
+        if not self.lr_scale > 0:
+            raise ValueError(f"optimizer.lr_scale={self.lr_scale}: use a positive fraction of the optimizer's "
+                             f"rates, e.g. 0.02")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps={self.adam_eps}; use a small positive value such as 1e-10")
         for field in ("muon_momentum", "muon_momentum_warmup_start"):
@@ -129,18 +136,19 @@ def _check_partition(model: nn.Module, groups: dict[str, list[nn.Parameter]]) ->
 def build_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     """The param-group dicts for MuonAdamW: each with kind, name, params, lr, initial_lr."""
     width_scale = (model.config.n_embd / 768) ** -0.5
+    scale = cfg.lr_scale  # applied before the width scaling (the order is kept for bit-identical runs)
     betas, eps = tuple(cfg.adam_betas), cfg.adam_eps
     adamw = dict(kind="adamw", betas=betas, eps=eps, weight_decay=0.0)
     if cfg.name == "muon_adamw":
-        matrix = dict(kind="muon", lr=cfg.matrix_lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=5)
+        matrix = dict(kind="muon", lr=cfg.matrix_lr * scale, momentum=cfg.muon_momentum, nesterov=True, ns_steps=5)
     else:
-        matrix = dict(adamw, lr=cfg.matrix_lr * width_scale)
+        matrix = dict(adamw, lr=cfg.matrix_lr * scale * width_scale)
     settings = {
         "matrix": dict(matrix, weight_decay=cfg.weight_decay),
-        "embedding": dict(adamw, lr=cfg.embedding_lr * width_scale),
-        "unembedding": dict(adamw, lr=cfg.unembedding_lr * width_scale),
-        "tied_embedding": dict(adamw, lr=cfg.unembedding_lr * width_scale),
-        "scalar": dict(adamw, lr=cfg.scalar_lr),
+        "embedding": dict(adamw, lr=cfg.embedding_lr * scale * width_scale),
+        "unembedding": dict(adamw, lr=cfg.unembedding_lr * scale * width_scale),
+        "tied_embedding": dict(adamw, lr=cfg.unembedding_lr * scale * width_scale),
+        "scalar": dict(adamw, lr=cfg.scalar_lr * scale),
     }
     groups = []
     for name, params in _classify(model).items():

@@ -37,13 +37,8 @@ def validate_schedule(total_steps: int, warmup_ratio: float, warmdown_ratio: flo
         raise ValueError(f"final_lr_frac={final_lr_frac}; use a fraction of the peak lr in [0, 1]")
 
 
-def lr_multiplier(
-    step: int,
-    total_steps: int,
-    warmup_ratio: float = 0.0,
-    warmdown_ratio: float = 0.2,
-    final_lr_frac: float = 0.0,
-) -> float:
+def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
     """Multiplier on each group's initial_lr before optimizer step `step` (0-based)."""
     validate_schedule(total_steps, warmup_ratio, warmdown_ratio, final_lr_frac)
     if step < 0:
@@ -67,15 +62,8 @@ def muon_momentum(step: int, cfg: MomentumSchedule) -> float:
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
-def apply_schedule(
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    total_steps: int,
-    warmup_ratio: float = 0.0,
-    warmdown_ratio: float = 0.2,
-    final_lr_frac: float = 0.0,
-    momentum: MomentumSchedule | None = None,
-) -> float:
+def apply_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_ratio: float,
+                   warmdown_ratio: float, final_lr_frac: float, momentum: MomentumSchedule | None = None) -> float:
     """Set every group's lr (and, given `momentum`, Muon groups' momentum); return the multiplier."""
     multiplier = lr_multiplier(step, total_steps, warmup_ratio, warmdown_ratio, final_lr_frac)
     momentum_now = muon_momentum(step, momentum) if momentum is not None else None

@@ -19,8 +19,10 @@ sample is solved when its reward reaches 1 (full credit). The artifact's metrics
 reward_before / reward_after, and gsm8k_pass1_before / gsm8k_pass1_after when the held-out task is
 GSM8K, for the report card.
 
-Everything else is PretrainModule's: optimizer (learning rates times lr_scale), schedule, checkpoints,
-resume and the artifact. Under DDP each rank rolls out its own prompts on the unwrapped model (no
+Everything else is StageModule's (llm/stages/common.py): optimizer (the RL learning rates come from
+optimizer.lr_scale, set in conf/stage/rl.yaml), schedule, checkpoints, resume and the artifact.
+Tokens trained (train/tokens_per_sec, MFU) are the real tokens of the policy rows that go through
+forward and backward: prompt and answer, without padding. Under DDP each rank rolls out its own prompts on the unwrapped model (no
 collective happens while generating), DDP averages the gradients, and rewards are gathered from every
 rank for logging. FSDP is refused: generating on sharded weights needs every rank in lockstep.
 """
@@ -40,8 +42,8 @@ from llm.generate.sampling import Sampling
 from llm.generate.text_stream import completion_text
 from llm.model.gpt import GPTConfig
 from llm.optim.groups import OptimizerConfig
-from llm.stages.base import PretrainModule
-from llm.stages.chat import scale_learning_rates
+from llm.data.rl import RLDataModule
+from llm.stages.common import StageModule
 from llm.conversation import Conversation
 from llm.tokenizer import Tokenizer
 
@@ -105,16 +107,25 @@ def policy_rows(rollouts: Rollouts, pad_id: int, max_len: int | None = None) -> 
     return inputs, targets
 
 
+def forwarded_rows(advantages: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows the loss runs: rows with zero advantage contribute exactly nothing, so they skip
+    the forward pass; one row always runs, so every parameter is in the graph (DDP needs that)."""
+    keep = (advantages != 0).nonzero().flatten()
+    return keep if keep.numel() else keep.new_zeros(1)
+
+
+def row_lengths(rollouts: Rollouts, max_len: int) -> list[int]:
+    """Real input tokens of each policy row (prompt + answer, cut to the context; padding left out)."""
+    n = rollouts.num_samples
+    return [min(len(rollouts.prompts[r // n]) + len(c), max_len + 1) - 1 for r, c in enumerate(rollouts.completions)]
+
+
 def policy_gradient_loss(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
                          advantages: torch.Tensor) -> torch.Tensor:
-    """-sum(advantage * log p(sampled token)) / number of sampled tokens, over all R rows.
-
-    Rows with zero advantage contribute exactly nothing, so they skip the forward pass (they still count
-    in the normaliser); one row always runs, so every parameter is in the graph (DDP needs that)."""
+    """-sum(advantage * log p(sampled token)) / number of sampled tokens, over all R rows (the rows of
+    forwarded_rows run; the others still count in the normaliser)."""
     num_tokens = (targets != -1).sum().clamp(min=1)
-    keep = (advantages != 0).nonzero().flatten()
-    if keep.numel() == 0:
-        keep = keep.new_zeros(1)
+    keep = forwarded_rows(advantages)
     kept = targets[keep]
     # sum of advantage * -log p over sampled tokens, through the fused output-layer loss
     weighted = forward(inputs[keep], targets=kept, reduction="sum", loss_weights=advantages[keep, None].expand_as(kept))
@@ -126,20 +137,35 @@ def batch_seed(seed: int, purpose: int, rank: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, purpose, rank, position]).generate_state(1)[0]) % 2**31
 
 
-class RLModule(PretrainModule):
+class RLModule(StageModule):
+    batch_unit = "prompts"
+
     def __init__(self, model_config: GPTConfig, optimizer: OptimizerConfig, tokenizer: Tokenizer, total_steps: int,
-                 sampling: Sampling, eval_samples: int, seed: int, lr_scale: float, **kwargs):
+                 sampling: Sampling, eval_samples: int, seed: int, **shared):
         """sampling: how rollouts sample (num_samples answers per prompt: the group); eval_samples: answers
         per held-out prompt (val/pass@k, k = this); seed: fixes every batch's sampling seeds."""
-        super().__init__(model_config, scale_learning_rates(optimizer, lr_scale), tokenizer, total_steps, **kwargs)
+        super().__init__(model_config, optimizer, tokenizer, total_steps, **shared)
         self.rollout_settings = sampling
         self.eval_settings = replace(sampling, num_samples=eval_samples)
         self.seed = seed
-        self.hparams.update(sampling=vars(sampling), eval_samples=eval_samples, seed=seed, lr_scale=lr_scale)
+        self.hparams.update(sampling=vars(sampling), eval_samples=eval_samples, seed=seed)
+        self.reward: Callable[[Conversation, str], float] | None = None  # the data's, given by connect()
+        self.val_task_names: set[str] = set()
         self.val_reward, self.val_pass1, self.val_passk = MeanMetric(), MeanMetric(), MeanMetric()
         self.before: dict[str, float] | None = None  # the held-out evaluation before the first step
         self.last_eval: dict[str, float] | None = None
         self._generator: Generator | None = None
+
+    @classmethod
+    def rows_per_unit(cls, module_settings: dict) -> int:
+        return int(module_settings["sampling"]["num_samples"])
+
+    def connect(self, datamodule: RLDataModule) -> None:
+        if not isinstance(datamodule, RLDataModule):
+            raise TypeError(f"stage=rl needs an RL prompt data module (data=rl_gsm8k or rl_arith), got "
+                            f"{type(datamodule).__name__}")
+        super().connect(datamodule)
+        self.reward, self.val_task_names = datamodule.reward, datamodule.val_task_names
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:
@@ -161,25 +187,29 @@ class RLModule(PretrainModule):
         was_training = self.model.training
         generator = self.generator
         self.model.eval()
-        seed = batch_seed(self.seed, purpose, int(batch["cursor"][0]), int(batch["cursor"][1]))
+        rank, position = batch["position"].tolist()
+        seed = batch_seed(self.seed, purpose, rank, position)
         rollouts = sample_rollouts(generator, batch["prompts"], replace(settings, seed=seed))
         self.model.train(was_training)
-        rewards = score_rollouts(self.tokenizer, rollouts, batch["conversations"], self.trainer.datamodule.reward)
+        rewards = score_rollouts(self.tokenizer, rollouts, batch["conversations"], self.reward)
         return rollouts, rewards.to(self.device)
 
     # ---- training ---------------------------------------------------------------------------
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         started = time.perf_counter()
         rollouts, rewards = self.roll_out(batch, self.rollout_settings, purpose=0)
         rollout_s = time.perf_counter() - started
-        inputs, targets = policy_rows(rollouts, pad_id=self.tokenizer.bos_id, max_len=self.model_config.sequence_len)
+        max_len = self.model_config.sequence_len
+        inputs, targets = policy_rows(rollouts, pad_id=self.tokenizer.bos_id, max_len=max_len)
         advantages = group_advantages(rewards).flatten()
         loss = policy_gradient_loss(self._forward, inputs.to(self.device), targets.to(self.device), advantages)
-        self._report_consumed(batch)
+        lengths = row_lengths(rollouts, max_len)
+        tokens = sum(lengths[r] for r in forwarded_rows(advantages).tolist())
+        self.report_consumed(batch)
         self._log_rollouts(batch, rollouts, rewards, rollout_s)
         self.log("train/loss", loss, batch_size=len(rollouts.completions))
-        return loss
+        return {"loss": loss, "tokens": tokens}
 
     def _log_rollouts(self, batch: dict, rollouts: Rollouts, rewards: torch.Tensor, rollout_s: float) -> None:
         """Batch statistics over every rank's rollouts (gathered, so each rank logs the same numbers)."""
@@ -228,7 +258,7 @@ class RLModule(PretrainModule):
         trainer = self.trainer
         limit = trainer.limit_val_batches if isinstance(trainer.limit_val_batches, int) else None
         with torch.no_grad():
-            for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+            for i, batch in enumerate(self._data.val_dataloader()):
                 if limit is not None and i >= limit:
                     break
                 self.validation_step(batch, i)
@@ -249,6 +279,6 @@ class RLModule(PretrainModule):
             if numbers is None:
                 continue
             out[f"reward_{when}"] = numbers["reward"]
-            if self.trainer.datamodule.val_task_names == {"gsm8k"}:
+            if self.val_task_names == {"gsm8k"}:
                 out[f"gsm8k_pass1_{when}"] = numbers["pass@1"]
         return out

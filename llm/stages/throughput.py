@@ -1,7 +1,11 @@
 """Tokens/s and MFU (model FLOPs utilisation), logged every optimizer step.
 
-MFU = achieved model FLOP/s / the device's peak matmul FLOP/s. GPUs use Lightning's table of
-datasheet peaks; a CPU has no datasheet number we can trust, so we measure its matmul peak once.
+Tokens are the real tokens the stage trained on (each training_step returns them, llm/stages/common.py:
+no padding; for RL the policy rows' prompt and answer tokens), summed over the micro-batches of a step
+and over every rank. MFU = those tokens x the model's training FLOPs per token / time / the devices'
+peak matmul FLOP/s. GPUs use Lightning's table of datasheet peaks; a CPU has no datasheet number we can
+trust, so we measure its matmul peak once. The running total goes into checkpoints (resume keeps counting)
+and the artifact's metrics.json (`tokens`).
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs train/tokens_per_sec (all ranks) and train/mfu after every optimizer step."""
+    """Logs train/tokens_per_sec and train/mfu (all ranks together) after every optimizer step."""
 
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
+    def __init__(self):
         self.flops_per_token = 0.0
         self.peak: float | None = None
+        self.total_tokens = 0  # every rank's, since the run began (resumes included)
+        self._step_tokens = 0  # this rank's, since the last optimizer step
         self._last: float | None = None
         self._last_step = 0
 
@@ -53,13 +58,24 @@ class ThroughputMonitor(L.Callback):
         self._last, self._last_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._step_tokens += int(outputs["tokens"])
         steps = trainer.global_step - self._last_step
         if steps <= 0:  # still accumulating gradients
             return
+        local = torch.tensor(float(self._step_tokens), device=pl_module.device)
+        tokens = int(trainer.strategy.reduce(local, reduce_op="sum"))  # every rank calls this, every step
+        self._step_tokens = 0
+        self.total_tokens += tokens
         now = time.perf_counter()
-        tokens_per_sec = steps * self.tokens_per_step / (now - self._last)
+        tokens_per_sec = tokens / (now - self._last)
         metrics = {"train/tokens_per_sec": tokens_per_sec}
         if self.peak:
             metrics["train/mfu"] = tokens_per_sec * self.flops_per_token / self.peak
         pl_module.log_dict(metrics, prog_bar=True, rank_zero_only=True)
         self._last, self._last_step = now, trainer.global_step
+
+    def state_dict(self) -> dict:
+        return {"total_tokens": self.total_tokens}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total_tokens = int(state_dict["total_tokens"])
