@@ -13,8 +13,10 @@ import torch
 from llm.generate import engine
 from llm.chat import ChatSession
 from llm.artifact import load_artifact
+from llm.generate.calculator import calculate
 from llm.generate.engine import DecodeBatch, Generator
-from llm.generate.sampling import Sampling
+from llm.generate.sampler import BatchSampler
+from llm.generate.sampling import GREEDY_BELOW, Sampling
 from llm.generate.text_stream import TextStream
 from llm.generate.prepare import for_inference
 from llm.model.gpt import GPT, GPTConfig
@@ -133,20 +135,46 @@ def test_sampling_cuts(gen, prompts):
     assert rows[2].tokens != greedy[2][0]
 
 
-def test_sampler_follows_the_distribution(gen):
+def sampler(n: int, **settings) -> BatchSampler:
+    return BatchSampler([Sampling(1, **settings)] * n, [None] * n, torch.device("cpu"))
+
+
+def test_sampler_follows_the_distribution():
     """Inverse-CDF sampling: frequencies match softmax(logits / T), top-k keeps only the k best."""
-    batch = DecodeBatch(gen.model, gen.tokenizer)
-    batch.rows = [gen.new_row(i, [1], Sampling(1, temperature=1.0)) for i in range(4000)]
-    batch._sampling_tensors()
     logits = torch.full((4000, 8), -30.0)
     logits[:, :3] = torch.tensor([0.0, 1.0, 2.0])
-    freq = torch.bincount(batch._sample(logits), minlength=8) / 4000
+    freq = torch.bincount(sampler(4000, temperature=1.0)(logits), minlength=8) / 4000
     torch.testing.assert_close(freq[:3], torch.tensor([0.0, 1.0, 2.0]).softmax(0), atol=0.03, rtol=0)
     assert freq[3:].sum() == 0
-    batch.rows = [gen.new_row(i, [1], Sampling(1, temperature=1.0, top_k=2)) for i in range(4000)]
-    batch._sampling_tensors()
-    freq = torch.bincount(batch._sample(logits), minlength=8) / 4000
+    freq = torch.bincount(sampler(4000, temperature=1.0, top_k=2)(logits), minlength=8) / 4000
     assert freq[0] == 0 and abs(freq[2] - 1 / (1 + torch.e ** -1)) < 0.03
+    freq = torch.bincount(sampler(4000, temperature=0.5)(logits), minlength=8) / 4000
+    torch.testing.assert_close(freq[:3], torch.tensor([0.0, 2.0, 4.0]).softmax(0), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40, 1e-8, GREEDY_BELOW / 2])
+def test_tiny_temperatures_decode_greedily_and_never_give_nan(gen, prompts, temperature):
+    """1e-300 is 0 in float32: logits / temperature used to give inf - inf = nan and an IndexError."""
+    greedy = gen.generate_batch(prompts, max_tokens=8, temperature=0)
+    assert gen.generate_batch(prompts, max_tokens=8, temperature=temperature, seed=3) == greedy
+    logits = torch.tensor([[0.0, 1.0, 1.0 - 1e-6, -50.0]])  # the near-tie still goes to the argmax
+    assert sampler(1, temperature=temperature)(logits).tolist() == [1]
+
+
+def test_small_temperatures_above_the_threshold_sample_without_overflow():
+    """Dividing the shifted logits (best = 0) can only push the others to -inf, never to nan, even with
+    logits far beyond the soft-cap."""
+    logits = torch.tensor([[1e36, -1e36, 0.0, 1e36 * (1 - 1e-5)]] * 200)  # / 2e-5 would overflow float32
+    out = sampler(200, temperature=2 * GREEDY_BELOW)(logits)
+    assert set(out.tolist()) <= {0, 3} and (out >= 0).all()
+    assert set(sampler(200, temperature=1.0, top_p=1e-300)(logits).tolist()) <= {0, 3}
+
+
+def test_non_finite_logits_fail_only_the_sampled_row_they_belong_to():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0], [float("inf"), 0.0, 0.0]])
+    settings = [Sampling(1, temperature=1.0, top_k=2), Sampling(1, temperature=0.7), Sampling(1, temperature=1.0)]
+    out = BatchSampler(settings, [None] * 3, torch.device("cpu"))(logits).tolist()
+    assert out[0] in (1, 2) and out[1:] == [-1, -1]
 
 
 def test_for_inference_fp32_decodes_exactly_like_the_plain_model(artifact, gen, prompts):
@@ -244,12 +272,22 @@ class ScriptedModel(GPT):
         return out
 
 
-def scripted(gen, text_before, expr, text_after):
+def scripted(gen, text_before, expr, text_after, tool=calculate):
     tok, sid = gen.tokenizer, gen.tokenizer.special_id
     plan = [*tok.encode(text_before), sid("python_start"), *tok.encode(expr), sid("python_end"),
             *tok.encode(text_after), sid("assistant_end")]
     model = ScriptedModel(gen.model.config, tok, plan)
-    return Generator(model, tok)
+    return Generator(model, tok, tool=tool)
+
+
+def tool_output(gen, scripted_gen) -> tuple[str, str]:
+    """(the forced tool output, the text after it) of one scripted chat reply."""
+    tok, sid = gen.tokenizer, gen.tokenizer.special_id
+    prompt = [tok.bos_id, sid("user_start"), *tok.encode("hi"), sid("user_end"), sid("assistant_start")]
+    (tokens, forced), = scripted_gen.generate_batch([prompt], max_tokens=80, temperature=0)
+    start, end = tokens.index(sid("output_start")), tokens.index(sid("output_end"))
+    assert forced[start:end + 1] == [True] * (end + 1 - start)
+    return tok.decode(tokens[start + 1:end]), tok.decode(tokens[end + 1:])
 
 
 @pytest.mark.parametrize("expr, result", [("48/2", "24"), ("__import__('os')", "Error: ")])
@@ -268,6 +306,92 @@ def test_calculator_output_is_forced_and_generation_goes_on(gen, expr, result):
     parts = scripted_gen.to_parts(tokens)
     assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
     assert parts[1]["text"] == expr and parts[3]["text"] == " done"
+
+
+@pytest.mark.parametrize("expr, shown", [("'\\ud800'", "\ufffd"), ("'x\\udcff' * 2", "x\ufffdx\ufffd"),
+                                         ("'\\ud83d' + '\\ude00'", "\U0001f600")])
+def test_a_tool_result_that_is_not_valid_utf8_is_forced_in_as_encodable_text(gen, expr, shown):
+    """A string literal can evaluate to lone surrogates, which sentencepiece refuses: they become U+FFFD
+    (a pair that belongs together is joined) and the row keeps decoding."""
+    with pytest.raises(UnicodeEncodeError):
+        calculate(expr).encode("utf-8")
+    output, after = tool_output(gen, scripted(gen, "so ", expr, " done"))
+    assert output == shown and after == " done<|assistant_end|>"
+
+
+@pytest.mark.parametrize("tool, shown", [(lambda expr: 1 / 0, "Error: ZeroDivisionError"),
+                                         (lambda expr: None, "Error: the tool answered NoneType, not text")])
+def test_a_tool_that_raises_or_answers_no_text_answers_an_error_and_the_row_goes_on(gen, tool, shown):
+    output, after = tool_output(gen, scripted(gen, "so ", "2+2", " done", tool=tool))
+    assert output == shown and after == " done<|assistant_end|>"
+
+
+class PoisonedRow:
+    """gen.model, except that batch row `row` gets nan logits at every decode step of a `width`-row batch
+    (once finished rows are dropped, that index is another row's)."""
+
+    def __init__(self, model, row, width):
+        self.model, self.row, self.width = model, row, width
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, ids, kv_cache=None):
+        logits = self.model(ids, kv_cache=kv_cache)
+        if ids.shape == (self.width, 1):
+            logits[self.row] = float("nan")
+        return logits
+
+
+def test_a_row_that_fails_fails_alone_and_the_others_decode_as_if_alone(gen, prompts):
+    """Row 1 samples from nan logits, row 2's text processing raises: both finish with finish="error"
+    and a reason, rows 0 and 3 carry on exactly as they decode on their own."""
+    settings = [Sampling(12, temperature=0), Sampling(12, temperature=0.8), Sampling(12, temperature=0),
+                Sampling(12, temperature=0)]
+    rows = [gen.new_row(i, p, s, seed=i) for i, (p, s) in enumerate(zip(prompts, settings))]
+    batch = DecodeBatch(PoisonedRow(gen.model, 1, width=4), gen.tokenizer)
+    batch.admit(rows)
+    batch.step()
+    rows[2].text.push = lambda token: 1 / 0
+    while batch.live:
+        batch.step()
+    assert rows[1].finish == "error" and "not finite" in rows[1].error and len(rows[1].tokens) == 0
+    assert rows[2].finish == "error" and "ZeroDivisionError" in rows[2].error and len(rows[2].tokens) == 2
+    for i in (0, 3):
+        (alone, _), = gen.generate_batch([prompts[i]], max_tokens=12, temperature=0)
+        assert rows[i].tokens == alone and rows[i].finish == "length"
+    poisoned = Generator(PoisonedRow(gen.model, 0, width=1), gen.tokenizer)
+    with pytest.raises(RuntimeError, match="generation failed for row 0: FloatingPointError"):
+        poisoned.generate_batch(prompts[:1], max_tokens=4, temperature=1.0)  # a library caller hears of it
+
+
+def test_logprobs_are_the_models_log_softmax_of_prompt_and_generated_tokens(gen, prompts):
+    prompt = prompts[1]
+    scored = gen.score(prompt, top=3)
+    with torch.no_grad():
+        expected = gen.model(torch.tensor([prompt]))[0].double().log_softmax(dim=-1)
+    assert scored[0] is None and len(scored) == len(prompt)
+    for i, entry in enumerate(scored[1:], 1):
+        assert entry.token == prompt[i] and abs(entry.logprob - expected[i - 1, prompt[i]].item()) < 1e-4
+        assert [t for t, _ in entry.top] == expected[i - 1].topk(3).indices.tolist()
+        assert all(abs(lp - expected[i - 1, t].item()) < 1e-4 for t, lp in entry.top)
+    # decoded with the cache, each generated token's logprob is what scoring the whole sequence gives
+    asking = gen.new_row(0, prompt, Sampling(10, temperature=0), logprobs=2)
+    quiet = gen.new_row(1, prompts[0], Sampling(10, temperature=0))
+    batch = DecodeBatch(gen.model, gen.tokenizer)
+    batch.admit([asking, quiet])
+    while batch.live:
+        batch.step()
+    assert quiet.logprobs_out == []  # a row that doesn't ask costs nothing and gets nothing
+    offsets, got = zip(*asking.logprobs_out)
+    full = gen.score(prompt + asking.tokens, top=2)[len(prompt):]
+    assert [g.token for g in got] == asking.tokens == [f.token for f in full]
+    for g, f in zip(got, full):
+        assert abs(g.logprob - f.logprob) < 1e-4 and g.top[0][0] == g.token  # greedy: the token is the best
+        assert [t for t, _ in g.top] == [t for t, _ in f.top]
+    assert offsets[0] == 0 and list(offsets) == sorted(offsets) and offsets[-1] <= len(asking.text.take())
+    with pytest.raises(ValueError, match="logprobs=-1"):
+        gen.new_row(0, prompt, Sampling(4), logprobs=-1)
 
 
 def test_streaming_yields_one_token_per_live_row_per_step(gen, prompts):

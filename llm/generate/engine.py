@@ -21,7 +21,16 @@ A row stops at assistant_end or bos (the stop token is yielded and kept in the i
 string (TextStream sees it in the display text), or after max_tokens tokens (forced ones count).
 Tool use: the tokens between python_start and python_end are decoded and run by `tool`
 (llm.generate.calculator.calculate by default, which answers "Error: ..." on refused input); its answer is
-forced in as output_start + text + output_end, one token per step, marked forced.
+forced in as output_start + text + output_end, one token per step, marked forced. Whatever the tool
+returns is made encodable first (a lone surrogate becomes U+FFFD), and a tool that raises answers
+"Error: ...", so no tool result can stop a row.
+
+One row's trouble stays in its row: a row whose sampling distribution is not finite, or whose token
+cannot be processed, finishes with finish="error" (and `error` saying why) while the others go on;
+Generator.generate raises it, the server answers that one request with an error.
+
+A row created with logprobs=k records each token's log-probability and its k best alternatives
+(llm/generate/logprobs.py) in `logprobs_out`; only then does a step compute a log_softmax.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from typing import Any, NamedTuple
 import torch
 
 from llm.generate.calculator import calculate
+from llm.generate.logprobs import TokenLogprob, prompt_logprobs, step_logprobs
 from llm.generate.prepare import DecodeHead
+from llm.generate.sampler import BatchSampler
 from llm.generate.sampling import STOP_TOKENS, Sampling, fit_to_context
 from llm.generate.text_stream import TextStream, display_pieces
 from llm.model.gpt import GPT
@@ -66,6 +77,9 @@ class Row:
     tool_call: list[int] | None = None  # tokens since python_start, while inside a call
     cached: int = 0  # tokens of this row held in the KV cache
     next_input: int = 0
+    logprobs: int | None = None  # record each token's log-probability with this many alternatives (None: don't)
+    logprobs_out: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (text offset, logprob), untaken
+    error: str | None = None  # why the row failed (finish == "error")
 
     @property
     def remaining(self) -> int:
@@ -130,7 +144,8 @@ class DecodeBatch:
                     dst_t[:, dst, :, aligned - r.cached:aligned] = src_t[:, i, :, end - r.cached:end]
         cache.advance(aligned)
         self.rows, self.cache = rows, cache
-        self._sampling_tensors()
+        self._sampler = BatchSampler([r.sampling for r in rows], [r.rng for r in rows], self._device)
+        self._logprobs = any(r.logprobs is not None for r in rows)
 
     def _prefill(self, rows: Sequence[Row]) -> dict[tuple, tuple[KVCache, int]]:
         """Run every distinct prompt (minus its last token) once: prompt -> (its cache, row in it).
@@ -161,66 +176,46 @@ class DecodeBatch:
             source.update((p, (cache, i)) for i, p in enumerate(chunk))
         return source
 
-    def _sampling_tensors(self) -> None:
-        s = [r.sampling for r in self.rows]
-        self._greedy = all(x.temperature == 0 for x in s)
-        self._temps = torch.tensor([x.temperature or 1.0 for x in s], device=self._device)[:, None]
-        self._unit_temps = all(x.temperature in (0, 1) for x in s)
-        self._seeded = [(i, r.rng) for i, r in enumerate(self.rows) if r.rng is not None]
-        self._is_greedy = torch.tensor([x.temperature == 0 for x in s], device=self._device)
-        self._any_greedy = bool(self._is_greedy.any())
-        self._top_k = [x.top_k for x in s] if any(x.top_k for x in s) else None
-        self._top_p = (torch.tensor([x.top_p or 1.0 for x in s], device=self._device)[:, None]
-                       if any(x.top_p is not None and x.top_p < 1 for x in s) else None)
-
     @torch.inference_mode()
     def step(self) -> list[tuple[Row, int, bool]]:
-        """One token for every running row: (row, token, forced) in row order."""
+        """One token for every running row: (row, token, forced) in row order. A row that fails here
+        finishes with finish="error" and the others go on (see the module docstring)."""
         ids = torch.tensor([[r.next_input] for r in self.rows], device=self._device)
         logits = self.model(ids, kv_cache=self.cache)[:, -1, :]
-        sampled = self._sample(logits).tolist()
+        sampled = self._sampler(logits).tolist()
         events = []
-        for r, token in zip(self.rows, sampled):
+        for i, (r, token) in enumerate(zip(self.rows, sampled)):
             if r.finish is not None:
                 continue
             r.cached += 1
             forced = bool(r.pending)
             if forced:
                 token = r.pending.popleft()
-            self._append(r, token, forced)
-            events.append((r, token, forced))
+            events.append((i, r, token, forced))
+        if self._logprobs:
+            self._record_logprobs(logits, events)
+        for _, r, token, forced in events:
+            try:
+                if token < 0:
+                    raise FloatingPointError("the row's sampling distribution is not finite (nan logits)")
+                self._append(r, token, forced)
+            except Exception as e:  # this row's trouble, not the batch's
+                r.finish, r.error = "error", f"{type(e).__name__}: {e}"
         if 2 * self.live <= len(self.rows) and self.live < len(self.rows):  # half are finished: drop them
             self.admit([])
-        return events
+        return [(r, token, forced) for _, r, token, forced in events]
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B,) next tokens: argmax for greedy rows, else temperature / top-k / top-p sampling."""
-        if self._greedy:
-            return logits.argmax(dim=-1)
-        x = logits if self._unit_temps else logits / self._temps
-        if self._top_k is not None:
-            k = torch.tensor([min(k or 0, x.size(1)) for k in self._top_k], device=x.device)
-            kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
-            x = x.masked_fill((x < kth) & (k[:, None] > 0), float("-inf"))  # k = 0: this row has no cut
-        if self._top_p is not None:
-            sorted_x, order = x.sort(dim=-1, descending=True)
-            probs = sorted_x.softmax(dim=-1)
-            drop = probs.cumsum(dim=-1) - probs > self._top_p  # keep the smallest set reaching top_p
-            x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
-        # Inverse-CDF sampling: one uniform number per row, where torch.multinomial would draw one per
-        # vocabulary entry (~20x slower at 32k tokens). The CDF is left unnormalised (the uniform is
-        # scaled to each row's total instead). A token of probability 0 is never picked.
-        cdf = (x - x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
-        u = torch.rand(len(self.rows), 1, device=x.device)
-        if self._seeded:  # a seeded row draws from its own generator
-            rows, rngs = zip(*self._seeded)
-            u[list(rows), 0] = torch.cat([torch.rand(1, generator=g, device=x.device) for g in rngs])
-        total = cdf[:, -1:]
-        u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # strictly below the total
-        out = torch.searchsorted(cdf, u, right=True)[:, 0]
-        if self._any_greedy:
-            out = torch.where(self._is_greedy, logits.argmax(dim=-1), out)
-        return out
+    @staticmethod
+    def _record_logprobs(logits: torch.Tensor, events: list[tuple[int, Row, int, bool]]) -> None:
+        """Each asking row's token log-probability (forced tokens too: the model's view of them), with the
+        offset in its display text where the token's text starts."""
+        asking = [(i, r, token) for i, r, token, _ in events if r.logprobs is not None and token >= 0]
+        if not asking:
+            return
+        rows = torch.tensor([i for i, _, _ in asking], device=logits.device)
+        found = step_logprobs(logits[rows], [t for _, _, t in asking], [r.logprobs for _, r, _ in asking])
+        for (_, r, _), logprob in zip(asking, found):
+            r.logprobs_out.append((r.text.chars, logprob))
 
     def _append(self, r: Row, token: int, forced: bool) -> None:
         r.tokens.append(token)
@@ -234,8 +229,7 @@ class DecodeBatch:
         elif token == self._python_end and r.tool_call is not None:
             expr, r.tool_call = self.tokenizer.decode(r.tool_call), None
             if self.tool is not None:
-                result = self.tokenizer.encode(self.tool(expr))
-                r.pending.extend([self._output_start, *result, self._output_end])
+                r.pending.extend([self._output_start, *self._tool_output(expr), self._output_end])
         elif r.tool_call is not None:
             r.tool_call.append(token)
         if r.finish is None and r.text.stopped:
@@ -244,6 +238,18 @@ class DecodeBatch:
             r.finish = "length"
         if r.finish is not None:
             r.text.finish()
+
+    def _tool_output(self, expr: str) -> list[int]:
+        """The tool's answer as ids. Any text is made encodable first: sentencepiece refuses a lone
+        surrogate (a string literal such as '\\ud800' evaluates to one), so surrogates that pair up are
+        joined and the others become U+FFFD. A tool that raises or answers a non-str answers "Error: ..."."""
+        try:
+            result = self.tool(expr)
+            if not isinstance(result, str):
+                result = f"Error: the tool answered {type(result).__name__}, not text"
+        except Exception as e:
+            result = f"Error: {type(e).__name__}"
+        return self.tokenizer.encode(result.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
 
 class Generator:
@@ -274,14 +280,24 @@ class Generator:
                              f"{len(prompt) + max_tokens} exceeds the model's context of {self.context} tokens; "
                              f"shorten the prompt or ask for at most {max(self.context - len(prompt), 0)} tokens")
 
-    def new_row(self, key: Any, prompt: Sequence[int], sampling: Sampling, seed: int | None = None) -> Row:
-        """A validated row, ready to be admitted to a DecodeBatch."""
+    def new_row(self, key: Any, prompt: Sequence[int], sampling: Sampling, seed: int | None = None,
+                logprobs: int | None = None) -> Row:
+        """A validated row, ready to be admitted to a DecodeBatch; logprobs=k records each token's
+        log-probability with its k best alternatives (Row.logprobs_out)."""
         self.check_prompt(prompt, sampling.max_tokens)
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.model.config.vocab_size):
+            raise ValueError(f"logprobs={logprobs!r} must be a number of alternatives in [0, vocab size], or None")
         rng = None
         if seed is not None:
             rng = torch.Generator(device=self.model.lm_head.weight.device).manual_seed(int(seed))
         return Row(key, list(prompt), sampling, TextStream(self.pieces, sampling.stop), rng,
-                   cached=len(prompt) - 1, next_input=prompt[-1])
+                   cached=len(prompt) - 1, next_input=prompt[-1], logprobs=logprobs)
+
+    def score(self, prompt: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), with its
+        `top` best alternatives: what echo + logprobs report, and what loglikelihood evaluations sum."""
+        self.check_prompt(prompt, 0)
+        return prompt_logprobs(self.model, prompt, top)
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.model, self.tokenizer, self.tool)
@@ -311,7 +327,11 @@ class Generator:
         while waiting or batch.live:
             if waiting and batch.live < cap:
                 batch.admit([waiting.popleft() for _ in range(min(cap - batch.live, len(waiting)))])
-            yield [Token(r.key, t, f, r.finish) for r, t, f in batch.step()]
+            events = batch.step()
+            failed = next((r for r, _, _ in events if r.finish == "error"), None)
+            if failed is not None:
+                raise RuntimeError(f"generation failed for row {failed.key}: {failed.error}")
+            yield [Token(r.key, t, f, r.finish) for r, t, f in events]
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling | None = None,
                        **fields) -> list[tuple[list[int], list[bool]]]:

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 # A reply ends at either of these (yielded and kept in the ids); see llm.generate.engine.
 STOP_TOKENS = ("assistant_end", "bos")
 
+# Temperatures below this decode greedily (vLLM's threshold). Sampling at such a temperature could only
+# differ from the argmax between logits equal to float32 precision, and 1/temperature would overflow.
+GREEDY_BELOW = 1e-5
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -22,7 +26,7 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; top_k / top_p None means no cut; num_samples answers per prompt; with a
+    """temperature 0 (or anything below GREEDY_BELOW) is greedy; top_k / top_p None means no cut; num_samples answers per prompt; with a
     seed, answer r of a call samples from its own generator seeded with seed + r (reproducible)."""
     max_tokens: int
     temperature: float = 1.0

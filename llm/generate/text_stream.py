@@ -65,6 +65,12 @@ class TextStream:
         self._taken = 0
         self.stopped = False
 
+    @property
+    def chars(self) -> int:
+        """Characters of text decoded so far: where the next token's text starts (a character split
+        across tokens counts once it is complete)."""
+        return len(self._text)
+
     def push(self, token: int) -> None:
         if not self.stopped and self._pieces[token]:
             self._add(self._decoder.decode(self._pieces[token]))
