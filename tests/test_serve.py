@@ -1,15 +1,16 @@
-"""The LitServe OpenAI-compatible server, driven by the official `openai` client and raw HTTP."""
+"""The LitServe OpenAI-compatible server, driven by the official `openai` client and raw HTTP: the chat
+route, the API key, the error shape of every error, and how messages are merged."""
 
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
+from serve_http import call, healthy, openai_error
 from tiny_chat import free_port, make_artifact, start_server, stop_server
 
 KEY = "test-key"
@@ -46,18 +47,7 @@ def streamed(client, text, **kwargs) -> dict[int, str]:
 
 
 def post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def healthy(url: str) -> bool:
-    with urllib.request.urlopen(url + "/health", timeout=10) as response:
-        return response.status == 200 and response.read() == b"ok"
+    return call(url, "/v1/chat/completions", body, key)
 
 
 def test_completion_and_stream_agree_at_temperature_0(client):
@@ -107,15 +97,60 @@ BAD_REQUESTS = {
 def test_bad_requests_get_4xx_with_a_message_and_the_server_stays_healthy(server, name):
     body, status, message = BAD_REQUESTS[name]
     code, answer = post(server, body)
-    assert code == status and message in answer["error"]["message"], answer
+    assert code == status and message in openai_error(answer)["message"], answer
     assert healthy(server)
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_missing_or_wrong_api_key_is_401(server, key):
     code, answer = post(server, b'{"messages": [{"role": "user", "content": "hi"}]}', key=key)
-    assert code == 401 and "API key" in answer["error"]["message"]
+    assert code == 401 and "API key" in openai_error(answer)["message"]
+    assert openai_error(answer)["code"] == "invalid_api_key"
     assert healthy(server)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/docs"),
+                                          ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/info"),
+                                          ("GET", "/nothing/here"), ("DELETE", "/health")])
+def test_without_the_key_every_route_but_health_and_the_page_is_401(server, method, path):
+    code, answer = call(server, path, key=None, method=method)
+    assert code == 401 and openai_error(answer)["code"] == "invalid_api_key"
+    code, _ = call(server, path, key=KEY, method=method)
+    assert code != 401  # the key opens it (to a 200, or to its own 4xx)
+    with urllib.request.urlopen(server + "/", timeout=10) as page:
+        assert page.status == 200 and healthy(server)  # open without a key
+
+
+def test_docs_and_schema_are_served_with_the_key(server):
+    code, schema = call(server, "/openapi.json", key=KEY, method="GET")
+    assert code == 200 and "/v1/completions" in schema["paths"] and "/v1/chat/completions" in schema["paths"]
+    code, page = call(server, "/docs", key=KEY, method="GET")
+    assert code == 200 and "swagger" in page.lower()
+
+
+FRAMEWORK_ERRORS = {  # errors FastAPI and LitServe raise themselves, before our code runs
+    "unknown route": ("GET", "/v1/nothing", None, 404, "Invalid URL (GET /v1/nothing)", None),
+    "wrong method": ("GET", "/v1/chat/completions", None, 405, "GET is not allowed on /v1/chat/completions", None),
+    "body not UTF-8": ("POST", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', 400, "could not be read", None),
+    "body not JSON": ("POST", "/v1/completions", b"prompt=hi", 400, "malformed JSON", None),
+    "no body": ("POST", "/v1/chat/completions", b"", 400, "Field required", None),
+    "field of the wrong type": ("POST", "/v1/chat/completions",
+                                b'{"messages": [{"role": "user", "content": "hi"}], "n": "many"}', 400,
+                                "valid integer", "n"),
+    "nested field": ("POST", "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}', 400, "Field required",
+                     "messages[0].role"),
+    "payload too large": ("POST", "/v1/completions", json.dumps({"prompt": "a" * 30000}).encode(), 413, "too large",
+                          None),
+}
+
+
+@pytest.mark.parametrize("name", FRAMEWORK_ERRORS)
+def test_the_frameworks_own_errors_have_the_openai_shape(server, name):
+    method, path, body, status, message, param = FRAMEWORK_ERRORS[name]
+    code, answer = call(server, path, body, KEY, method)
+    error = openai_error(answer)
+    assert code == status and message in error["message"] and error["param"] == param, answer
+    assert error["type"] == "invalid_request_error" and healthy(server)
 
 
 def test_openai_client_sees_the_error_messages(server, client):
@@ -124,6 +159,27 @@ def test_openai_client_sees_the_error_messages(server, client):
     with pytest.raises(openai.AuthenticationError, match="API key"):
         ask(openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0), "hi")
     assert ask(client, "still there?").choices[0].message.content  # and the next request is served
+
+
+def reply(client, messages, **kwargs):
+    completion = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                **kwargs)
+    return completion.choices[0].message.content, completion.usage.prompt_tokens
+
+
+def test_consecutive_messages_of_one_side_are_merged_with_a_blank_line(client):
+    """As OpenAI accepts them: system/developer messages are user text, consecutive ones are one turn."""
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    split = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Use Python."},
+             user("What is"), user("a tuple?"), {"role": "assistant", "content": "A sequence."},
+             {"role": "assistant", "content": "Immutable."}, user("And"), {"role": "system", "content": "a list?"}]
+    merged = [user("Be brief.\n\nUse Python.\n\nWhat is\n\na tuple?"),
+              {"role": "assistant", "content": "A sequence.\n\nImmutable."}, user("And\n\na list?")]
+    assert reply(client, split) == reply(client, merged)
+    assert reply(client, split) != reply(client, [user("What is a tuple?")])  # the merged text did matter
+    with pytest.raises(openai.BadRequestError, match="starts with the assistant") as e:
+        reply(client, [{"role": "assistant", "content": "Hi"}, user("hello")])
+    assert e.value.param == "messages[0].role"
 
 
 def test_a_client_that_leaves_mid_stream_does_not_disturb_the_server(server, client):

@@ -1,8 +1,15 @@
-"""The inference worker: ChatAPI loads the artifact, ContinuousBatching drives the Generator.
+"""The inference worker: GeneratorAPI loads the artifact, ContinuousBatching drives the Generator.
 
 Requests join the running DecodeBatch between steps (waiting at most batch_timeout for company),
 every step streams each row's new text, and a finished row answers at once while the others keep
-going. This and llm/serving/openai_chat.py are the only places that touch LitServe's internals.
+going. A job is {"prompt", "sampling", "seed"} and, from /v1/completions, "logprobs" (alternatives per
+token, or None) and "score" (the prompt's own logprobs first: echo + logprobs); "sampling" is None when
+nothing is to be generated (max_tokens=0).
+
+Failures stay with their request: a job the Generator refuses is answered 400, a row that fails in a
+step (DecodeBatch marks it finish="error") is answered 500 while its batch goes on; only a failure of
+the whole forward fails every row of the step. The worker's replies are JSON messages:
+{"content", "logprobs"?} while a row runs, then one with "finish_reason" and the token counts.
 """
 
 from __future__ import annotations
@@ -13,36 +20,32 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from queue import Empty
 
 import litserve as ls
 import torch
-from fastapi import Header, Request
-from litserve.loops.base import _SENTINEL_VALUE, LitLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
 
 from llm.artifact import load_artifact
-from llm.generate.engine import Generator
+from llm.generate.engine import Generator, Row
 from llm.generate.prepare import for_inference
-from llm.serving.openai_chat import ChatSpec, api_error, check_api_key, pickleable
+from llm.serving.errors import api_error
+from llm.serving.litserve_adapter import SHUTDOWN, WorkerLoop
+from llm.serving.routes import OpenAIRoutes
 
 logger = logging.getLogger(__name__)
 
-class ChatAPI(ls.LitAPI):
+
+class GeneratorAPI(ls.LitAPI):
     """Loads the artifact in the inference worker; ContinuousBatching does the rest."""
 
-    def __init__(self, folder: Path, spec: ChatSpec, max_batch_size: int, batch_timeout: float, device: str,
-                 precision: str = "auto", api_key: str | None = None, threads: int | None = None):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec,
+    def __init__(self, folder: Path, routes: OpenAIRoutes, max_batch_size: int, batch_timeout: float, device: str,
+                 precision: str, threads: int | None):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=routes,
                          loop=ContinuousBatching())
-        self.folder, self.device_name, self.precision, self.api_key = folder, device, precision, api_key
-        self.threads = threads
+        self.folder, self.device_name, self.precision, self.threads = folder, device, precision, threads
 
-    def authorize(self, request: Request, authorization: str | None = Header(None)) -> None:
-        """LitServe runs this before every route (and before the body is validated): the API under
-        /v1/ needs the key, the page and /health don't (a browser or a load balancer has none)."""
-        if request.url.path.startswith("/v1/"):
-            check_api_key(self.api_key, authorization)
+    def authorize(self) -> None:
+        """Nothing to do: the API key is checked for every route by llm/serving/auth.py. Defining this keeps
+        LitServe's own check (the LIT_SERVER_API_KEY environment variable, an X-API-Key header) out."""
 
     def setup(self, device) -> None:
         # The API process needs a core too: threads spinning in OpenMP barriers while it runs can
@@ -52,20 +55,19 @@ class ChatAPI(ls.LitAPI):
         self.generator = Generator(for_inference(model, self.precision), tokenizer)
 
     def predict(self, x):  # the loop drives the Generator directly; nothing calls this
-        raise NotImplementedError("ChatAPI is driven by ContinuousBatching")
+        raise NotImplementedError("GeneratorAPI is driven by ContinuousBatching")
 
 
-class ContinuousBatching(LitLoop):
+class ContinuousBatching(WorkerLoop):
     """The inference worker's loop: admit waiting requests between steps, step, stream each row."""
 
-    def __call__(self, lit_api: ChatAPI, device, worker_id, request_queue, transport, workers_setup_status,
-                 callback_runner) -> None:
-        gen, self.transport = lit_api.generator, transport
+    def run(self, lit_api: GeneratorAPI) -> None:
+        gen = lit_api.generator
         batch = gen.new_batch()
-        waiting: deque = deque()  # (arrival, response_queue_id, uid, job)
+        waiting: deque = deque()  # (arrival, key, job)
         while True:
             idle = batch.live == 0 and not waiting
-            if not self._pull(request_queue, waiting, block=idle, batch_timeout=lit_api.batch_timeout):
+            if not self._pull(waiting, block=idle, batch_timeout=lit_api.batch_timeout):
                 return  # shutdown
             self._cancel(batch, waiting)
             self._expire(waiting, lit_api.request_timeout)
@@ -74,45 +76,44 @@ class ContinuousBatching(LitLoop):
             if batch.live:
                 try:
                     events = batch.step()
-                except Exception as e:  # a broken step fails its rows, never the worker
+                except Exception as e:  # the forward itself failed: its rows fail, never the worker
                     logger.exception("decode step failed")
                     for r in batch.rows:
                         if r.finish is None:
-                            self._send_error(r.key, e)
+                            self._fail_row(r.key, e)
                     batch = gen.new_batch()
                     continue
                 for row, _, _ in events:
                     self._send(row)
 
-    def _pull(self, request_queue, waiting: deque, block: bool, batch_timeout: float) -> bool:
+    def _pull(self, waiting: deque, block: bool, batch_timeout: float) -> bool:
         """Move requests from the queue to `waiting`; when idle, block for one and gather more for
-        batch_timeout seconds. False when the shutdown sentinel arrives."""
+        batch_timeout seconds. False when the worker is to shut down."""
         deadline = None
         while True:
-            try:
-                if block and not waiting:
-                    item = request_queue.get(timeout=1.0)
-                elif deadline is not None and time.monotonic() < deadline:
-                    item = request_queue.get(timeout=max(deadline - time.monotonic(), 1e-3))
-                else:
-                    item = request_queue.get_nowait()
-            except Empty:
+            if block and not waiting:
+                item = self.next_job(timeout=1.0)
+            elif deadline is not None and time.monotonic() < deadline:
+                item = self.next_job(timeout=max(deadline - time.monotonic(), 1e-3))
+            else:
+                item = self.next_job()
+            if item is SHUTDOWN:
+                return False
+            if item is None:
                 if block and not waiting:
                     continue
                 return True
-            if item == _SENTINEL_VALUE:
-                return False
-            response_queue_id, uid, timestamp, job = item
-            waiting.append((timestamp, response_queue_id, uid, job))
+            key, arrival, job = item
+            waiting.append((arrival, key, job))
             if block and deadline is None:
                 deadline = time.monotonic() + batch_timeout
 
     @staticmethod
     def _cancel(batch, waiting: deque) -> None:
         """Apply cancel notes (a client went away): drop the request if it waits, stop its row if it runs."""
-        notes = {(qid, uid) for _, qid, uid, job in waiting if job.get("cancel")}
+        notes = {key for _, key, job in waiting if job.get("cancel")}
         if notes:
-            kept = [w for w in waiting if (w[1], w[2]) not in notes]
+            kept = [w for w in waiting if w[1] not in notes]
             waiting.clear()
             waiting.extend(kept)
             for key in notes:
@@ -123,9 +124,8 @@ class ContinuousBatching(LitLoop):
         if timeout in (None, False, -1):
             return
         while waiting and time.monotonic() - waiting[0][0] > timeout:
-            _, qid, uid, _ = waiting.popleft()
-            self._put(qid, uid, pickleable(api_error(504, "request timed out waiting for the model")),
-                      LitAPIStatus.ERROR)
+            _, key, _ = waiting.popleft()
+            self.fail(key, api_error(504, "request timed out waiting for the model"))
 
     @staticmethod
     def _should_admit(batch, waiting: deque, lit_api) -> bool:
@@ -138,12 +138,20 @@ class ContinuousBatching(LitLoop):
     def _admit(self, gen: Generator, batch, waiting: deque, max_batch_size: int) -> None:
         rows = []
         while waiting and batch.live + len(rows) < max_batch_size:
-            _, qid, uid, job = waiting[0]
+            _, key, job = waiting[0]
             try:
-                row = gen.new_row((qid, uid), job["prompt"], job["sampling"], job["seed"])
+                row = self._start(gen, key, job)
             except ValueError as e:  # validated by the API process already; never take the loop down
                 waiting.popleft()
-                self._put(qid, uid, pickleable(api_error(400, str(e))), LitAPIStatus.ERROR)
+                self.fail(key, api_error(400, str(e)))
+                continue
+            except Exception as e:
+                logger.exception("scoring a prompt failed")
+                waiting.popleft()
+                self._fail_row(key, e)
+                continue
+            if row is None:  # nothing to generate: answered already
+                waiting.popleft()
                 continue
             if (rows or batch.live) and not batch.fits(rows + [row]):
                 break  # the cache would outgrow the model's positions: wait for the batch to drain
@@ -156,25 +164,40 @@ class ContinuousBatching(LitLoop):
         except Exception as e:
             logger.exception("prefill failed")
             for r in rows:
-                self._send_error(r.key, e)
+                self._fail_row(r.key, e)
 
-    def _send(self, row) -> None:
-        text = row.text.take()
-        qid, uid = row.key
+    def _start(self, gen: Generator, key, job: dict) -> Row | None:
+        """The job's row, after sending its prompt's logprobs when asked (once, even if the row then waits
+        for room in the batch). None when there is nothing to generate: the job is answered already."""
+        if job.get("score") and not job.get("scored"):
+            scored = gen.score(job["prompt"], job["logprobs"])
+            self.reply(key, json.dumps({"prompt_logprobs": [None if s is None else [s.logprob, s.top]
+                                                            for s in scored]}))
+            job["scored"] = True
+        if job["sampling"] is None:
+            self.reply(key, json.dumps({"content": "", "finish_reason": "length", "prompt_tokens": len(job["prompt"]),
+                                        "completion_tokens": 0}))
+            self.finish(key)
+            return None
+        return gen.new_row(key, job["prompt"], job["sampling"], job["seed"], job.get("logprobs"))
+
+    def _send(self, row: Row) -> None:
+        if row.finish == "error":
+            logger.error("request %s failed: %s", row.key[1], row.error)
+            self.fail(row.key, api_error(500, f"generation failed for this request ({row.error})"))
+            return
+        message = {"content": row.text.take()}
+        if row.logprobs is not None:
+            message["logprobs"] = [[lp.token, lp.logprob, offset, lp.top] for offset, lp in row.logprobs_out]
+            row.logprobs_out.clear()
         if row.finish is None:
-            if text:
-                self._put(qid, uid, json.dumps({"role": "assistant", "content": text}), LitAPIStatus.OK)
+            if message["content"] or message.get("logprobs"):
+                self.reply(row.key, json.dumps(message))
             return
         n = len(row.tokens)
-        final = {"role": "assistant", "content": text, "finish_reason": row.finish, "prompt_tokens": len(row.prompt),
-                 "completion_tokens": n, "total_tokens": len(row.prompt) + n}
-        self._put(qid, uid, json.dumps(final), LitAPIStatus.OK)
-        self._put(qid, uid, "", LitAPIStatus.FINISH_STREAMING)
+        message.update(finish_reason=row.finish, prompt_tokens=len(row.prompt), completion_tokens=n)
+        self.reply(row.key, json.dumps(message))
+        self.finish(row.key)
 
-    def _send_error(self, key, error: Exception) -> None:
-        qid, uid = key
-        self._put(qid, uid, pickleable(api_error(500, f"generation failed: {type(error).__name__}")),
-                  LitAPIStatus.ERROR)
-
-    def _put(self, qid, uid, data, status) -> None:
-        self.put_response(self.transport, qid, uid, data, status, LoopResponseType.STREAMING)
+    def _fail_row(self, key, error: Exception) -> None:
+        self.fail(key, api_error(500, f"generation failed: {type(error).__name__}"))
