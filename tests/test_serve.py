@@ -137,6 +137,7 @@ FRAMEWORK_ERRORS = {  # errors FastAPI and LitServe raise themselves, before our
     "field of the wrong type": ("POST", "/v1/chat/completions",
                                 b'{"messages": [{"role": "user", "content": "hi"}], "n": "many"}', 400,
                                 "valid integer", "n"),
+    "a union's member": ("POST", "/v1/completions", b'{"prompt": "a", "stop": [1]}', 400, "valid string", "stop"),
     "nested field": ("POST", "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}', 400, "Field required",
                      "messages[0].role"),
     "payload too large": ("POST", "/v1/completions", json.dumps({"prompt": "a" * 30000}).encode(), 413, "too large",

@@ -54,6 +54,11 @@ HOSTILE = {
     "top_p NaN": ("/v1/completions", '{"prompt": "a", "top_p": NaN}', 400, "top_p"),
     "top_p -Infinity": ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a"}], '
                         '"top_p": -Infinity}', 400, "top_p"),
+    # bodies built to exhaust a parser
+    "a prompt nested 900 lists deep": ("/v1/completions", '{"prompt": ' + "[" * 900 + "]" * 900 + "}", 400, "prompt"),
+    "nesting past the JSON parser's depth": ("/v1/chat/completions", '{"messages": ' + "[" * 5000 + "]" * 5000 + "}",
+                                             400, None),
+    "an integer of 5000 digits": ("/v1/completions", '{"prompt": "a", "max_tokens": ' + "9" * 5000 + "}", 400, None),
 }
 # cases the openai client can send too: (path, body fields, expected status, field)
 NUMERIC = {

@@ -29,7 +29,7 @@ class TokenLogprob(NamedTuple):
 
 def step_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
     """(rows, vocab) logits, each row's token and how many alternatives it wants -> one TokenLogprob per row."""
-    logprobs = torch.nan_to_num(logits.log_softmax(dim=-1), nan=IMPOSSIBLE, neginf=IMPOSSIBLE)
+    logprobs = logits.log_softmax(dim=-1).nan_to_num_(nan=IMPOSSIBLE, neginf=IMPOSSIBLE)  # in place: one copy
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     k = min(max(tops, default=0), logits.size(-1))
     values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())

@@ -74,11 +74,16 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         at = first.get("loc", (None, "?"))[-1]
         message, where = f"malformed JSON body (at character {at}): {first.get('ctx', {}).get('error', '')}", ""
     else:
-        where = field_path(p for p in first.get("loc", ()) if p != "body")
+        where = field_path(p for p in first.get("loc", ()) if p != "body" and not _union_member(p))
         message = f"invalid request: {first.get('msg', 'malformed body')}" + (f" (at {where})" if where else
                                                                              " (send a JSON object)")
     return ErrorResponse({"error": {"message": message, "type": "invalid_request_error", "param": where or None,
                                     "code": None}}, status_code=400)
+
+
+def _union_member(part) -> bool:
+    """Pydantic names the member of a union it tried ("str", "list[dict[any,any]]"): not a place in the body."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or part.startswith(("list[", "dict[")))
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
