@@ -18,7 +18,7 @@ from llm.tasks.gsm8k import GSM8K, read_vendored
 from llm.tasks.humaneval import HumanEval
 
 GREEDY = Sampling(max_tokens=512, temperature=0.0, top_k=50, seed=42)  # conf/eval.yaml's generation on a GPU
-SANDBOX = SandboxSettings(timeout_s=5.0, memory_mb=1024, workers=4)
+SANDBOX = SandboxSettings(timeout_s=5.0, memory_mb=1024, workers=4, allow_weaker=False)
 
 
 def evaluate(generator, tokenizer, task, sampling=GREEDY, sandbox=SANDBOX, **kwargs):
@@ -136,7 +136,7 @@ def test_humaneval_evaluator_runs_programs_in_the_sandbox_and_carries_on(tokeniz
 
     generator = replies_by_prompt(tokenizer, task, reply)
     result = evaluate(generator, tokenizer, task, batch_size=3, progress=False,
-                                 sandbox=SandboxSettings(timeout_s=3, memory_mb=512, workers=4))
+                                 sandbox=SandboxSettings(timeout_s=3, memory_mb=512, workers=4, allow_weaker=False))
     assert (result.correct, result.total) == (3, 8)  # 0, 4 and 7: the evaluator carried on past the failures
     assert not os.path.exists(escape)
 

@@ -464,9 +464,9 @@ def test_humaneval_problems_and_program():
     full = conv["prompt"] + conv["canonical_solution"]
     for completion in (f"Here you go:\n```python\n{full}```\nDone.", full, conv["canonical_solution"]):
         program = task.program(conv, completion)
-        assert program.count("def has_close_elements(") == 1
-        assert program.startswith("from typing import List") and program.rstrip().endswith("check(has_close_elements)")
-        assert conv["test"] in program
+        assert program.code.count("def has_close_elements(") == 1
+        assert program.code.startswith("from typing import List") and "check(" not in program.code
+        assert (program.entry_point, program.tests, program.prelude) == ("has_close_elements", conv["test"], conv["prompt"])
     with pytest.raises(NotImplementedError, match="execution sandbox"):
         task.score(conv, full)
 

