@@ -14,6 +14,7 @@ from llm.evaluate.sandbox import (SandboxUnavailable, TestedProgram, check_human
                                   humaneval_program, run_program, run_tests)
 from llm.evaluate.sandbox import runner
 from llm.evaluate.sandbox.child import lockdown, plain_values
+from llm.evaluate.suite import SuiteSettings, run_suite
 
 PROBLEMS = read_problems()
 STRLEN = PROBLEMS["HumanEval/23"]
@@ -190,9 +191,10 @@ def test_every_refused_syscall_is_known_on_both_architectures():
 
 def test_refuses_without_bubblewrap(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    sandbox = SandboxSettings(timeout_s=5, memory_mb=512, workers=1, allow_weaker=False)
+    suite = SuiteSettings(tasks=["gsm8k", "humaneval"], sandbox=sandbox)  # refused before GSM8K runs
     for attempt in (lambda: run_program("print(1)"), lambda: strlen_tests(WRONG),
-                    lambda: humaneval_checker(SandboxSettings(timeout_s=5, memory_mb=512, workers=1,
-                                                              allow_weaker=False))):
+                    lambda: humaneval_checker(sandbox), lambda: run_suite(None, None, suite)):
         with pytest.raises(SandboxUnavailable, match=r"bubblewrap.*apt-get install -y bubblewrap.*allow_weaker=true"):
             attempt()
 

@@ -25,6 +25,7 @@ from llm.evaluate.core import evaluate_core, load_bundle
 from llm.evaluate.generative import BatchGenerator, SandboxSettings, evaluate_generative
 from llm.evaluate.heldout import BpbResult, evaluate_bpb, heldout_rows
 from llm.evaluate.results import TaskResult, mean_centered
+from llm.evaluate.sandbox import require_sandbox
 from llm.evaluate.sharding import Shard
 from llm.generate.sampling import Sampling
 from llm.tasks import TASKS, HubUnavailableError, build_mixture, build_task
@@ -163,6 +164,8 @@ _SETTINGS = {"bpb": "heldout", "core": "core", "chat_loss": "chat_loss"}
 def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, shard: Shard = Shard(),
               generator: BatchGenerator | None = None, progress: bool = True) -> SuiteResults:
     """Evaluate every task of settings.tasks (in order) on this rank's share; same results on all ranks."""
+    if "humaneval" in settings.tasks and settings.sandbox is not None:  # refuse before the other tasks run
+        require_sandbox(settings.sandbox.allow_weaker)
     results = SuiteResults()
     for name in settings.tasks:
         if name in ("bpb", "core", "chat_loss") and getattr(settings, _SETTINGS[name]) is None:
