@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from llm.artifact import load_artifact, resolve_artifact
 from llm.config import absolute
+from llm.errors import one_line_errors
 from llm.generate.engine import Generator
 from llm.generate.prepare import for_inference
 from llm.generate.sampling import Sampling, fit_to_context
@@ -107,7 +108,9 @@ def interactive(session: ChatSession) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="chat")
 def main(cfg: DictConfig) -> None:
-    session = ChatSession(load_generator(cfg), sampling(cfg), cfg.system)
+    with one_line_errors():
+        generator = load_generator(cfg)
+    session = ChatSession(generator, sampling(cfg), cfg.system)
     if cfg.prompt is not None:
         session.reply(str(cfg.prompt), write_out)
         print()

@@ -10,7 +10,6 @@ trainer=fsdp evaluates data-parallel too).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
-from llm.artifact import load_artifact, resolve_artifact, update_metrics
+from llm.artifact import load_artifact, read_metrics, resolve_artifact, update_metrics
 from llm.config import absolute, resolve_precision
+from llm.errors import one_line_errors
 from llm.evaluate.generative import SandboxSettings
 from llm.evaluate.record import eval_section, merge_eval
 from llm.evaluate.sharding import Shard
@@ -86,20 +86,16 @@ def evaluate(cfg: DictConfig) -> SuiteResults:
         print(results.table())
         if cfg.write_metrics:
             section = {**results.to_eval_section(settings.max_per_task), "world_size": fabric.world_size}
-            old = eval_section(_read_metrics(folder))
+            old = eval_section(read_metrics(folder))
             update_metrics(folder, {"eval": merge_eval(old, section)})
     fabric.barrier()
     return results
 
 
-def _read_metrics(folder: Path) -> dict:
-    path = folder / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with one_line_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.config import absolute
+from llm.errors import one_line_errors
 from llm.reporting.report_card import write_report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    out = write_report(absolute(cfg.paths.artifacts), absolute(cfg.out), list(cfg.stages), list(cfg.curves))
+    with one_line_errors():
+        out = write_report(absolute(cfg.paths.artifacts), absolute(cfg.out), list(cfg.stages), list(cfg.curves))
     print(f"report card: {out}")
 
 

@@ -29,8 +29,9 @@ import torch
 from fastapi.responses import HTMLResponse
 from omegaconf import DictConfig
 
-from llm.artifact import read_meta, resolve_artifact
+from llm.artifact import check_artifact, resolve_artifact
 from llm.config import absolute
+from llm.errors import one_line_errors
 from llm.generate.prepare import PRECISIONS
 from llm.serving import errors
 from llm.serving.auth import ApiKeyGate
@@ -46,9 +47,10 @@ HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe can bind
 def build_server(cfg: DictConfig) -> ls.LitServer:
     """The LitServer for cfg (see conf/serve.yaml); .run() it."""
     folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
+    meta = check_artifact(folder)  # here, not only in the worker: a damaged artifact fails the command at once
     limits = Limits(**cfg.limits)
     defaults = {"temperature": float(cfg.temperature), "top_k": cfg.top_k}
-    name = cfg.model_name or f"nanochat-{read_meta(folder).get('stage', folder.name)}"
+    name = cfg.model_name or f"nanochat-{meta['stage']}"
     api_key = None if cfg.api_key in (None, "") else str(cfg.api_key)
     device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
     if cfg.precision not in PRECISIONS:
@@ -86,7 +88,8 @@ def _stop_on_sigterm(main_pid: int):
 def main(cfg: DictConfig) -> None:
     if cfg.host not in HOSTS:
         raise ValueError(f"host={cfg.host!r}: LitServe binds one of {HOSTS} (127.0.0.1 = this machine only)")
-    server = build_server(cfg)
+    with one_line_errors():
+        server = build_server(cfg)
     signal.signal(signal.SIGTERM, _stop_on_sigterm(os.getpid()))
     print(f"serving {cfg.source} at http://{cfg.host}:{cfg.port}/ (API: /v1/chat/completions, /v1/completions)",
           flush=True)

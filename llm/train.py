@@ -30,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from llm import artifact
 from llm.config import absolute, resolve_precision, world_size
 from llm.data.loading import StageDataModule
+from llm.errors import one_line_errors
 from llm.model.gpt import GPT, GPTConfig
 from llm.optim.groups import OptimizerConfig, build_param_groups
-from llm.stages.checkpoint_io import AtomicCheckpointIO
+from llm.stages.checkpoint_io import AtomicCheckpointIO, resumable_checkpoint
 from llm.stages.common import StageModule
 from llm.stages.plan import Horizon, RunPlan, make_plan
 from llm.stages.throughput import ThroughputMonitor
@@ -159,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
                                       init_state=initial_state(cfg, config, tokenizer))
     module.connect(datamodule)
 
-    resume_from = str(last_ckpt) if cfg.resume and last_ckpt.exists() else None
+    resume_from = resumable_checkpoint(last_ckpt, cfg.resume, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     trainer.save_checkpoint(last_ckpt, weights_only=False)
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
@@ -191,7 +192,8 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with one_line_errors():
+        run(cfg)
 
 
 if __name__ == "__main__":

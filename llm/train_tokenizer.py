@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from llm.artifact import write_json
 from llm.config import absolute
 from llm.data.sources import TextSource, iter_texts
+from llm.errors import one_line_errors
 from llm.tokenizer import Tokenizer
 
 
@@ -50,7 +51,8 @@ def train_tokenizer(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tokenizer")
 def main(cfg: DictConfig) -> None:
-    train_tokenizer(cfg)
+    with one_line_errors():
+        train_tokenizer(cfg)
 
 
 if __name__ == "__main__":

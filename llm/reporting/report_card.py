@@ -6,11 +6,13 @@ Reads what the pipeline left in the artifacts folder and nothing else:
     <stage>/metrics.json            training numbers (python -m llm.train) and an "eval" section
                                     (python -m llm.eval); tensorboard_dir points at the loss curves
 
-A stage that was not run (or not evaluated) shows "—", never an error. The summary table is data:
-a Row is a label and a function from a stage's metrics.json to a cell (None: nothing to show), so a
-stage adds its numbers with one line, e.g. `ROWS.append(Row("RL reward", before_after("reward_before",
-"reward_after")))`. A score measured on fewer than SMOKE_BELOW examples (offline ARC/MMLU run on the few
-rows shipped as fixtures) is marked "smoke check": it shows the pipeline runs, not how good the model is.
+A stage that was not run (or not evaluated) shows "—", never an error; a stage whose artifact is damaged
+(llm.artifact.check_artifact refuses it) shows as damaged with the one line naming the file and the fix,
+and the other stages are reported as usual. The summary table is data: a Row is a label and a function
+from a stage's metrics.json to a cell (None: nothing to show), so a stage adds its numbers with one line,
+e.g. `ROWS.append(Row("RL reward", before_after("reward_before", "reward_after")))`. A score measured on
+fewer than SMOKE_BELOW examples (offline ARC/MMLU run on the few rows shipped as fixtures) is marked
+"smoke check": it shows the pipeline runs, not how good the model is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from llm.artifact import check_artifact, read_metrics
+from llm.errors import BadFileError
 from llm.reporting.environment import environment
 from llm.reporting.plots import plot_curves, stage_curves
 
@@ -126,25 +130,37 @@ class Stage:
     folder: Path
     present: bool  # a finished artifact (config.yaml) exists
     metrics: dict = field(default_factory=dict)
+    damage: str | None = None  # why check_artifact refused it
 
 
 def read_stage(artifacts: Path, name: str) -> Stage:
     folder = artifacts / name
-    present = (folder / "config.yaml").exists()
-    path = folder / "metrics.json"
-    metrics = json.loads(path.read_text()) if present and path.exists() else {}
-    return Stage(name, folder, present, metrics)
+    if not (folder / "config.yaml").exists():
+        return Stage(name, folder, False)
+    try:
+        check_artifact(folder)
+        return Stage(name, folder, True, read_metrics(folder))
+    except BadFileError as err:
+        return Stage(name, folder, True, damage=str(err))
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def read_compression(path: Path) -> dict | None:
+    """tokenizer/compression.json; None when there is none. Raises BadFileError when it does not parse."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadFileError(f"{path}: does not parse as JSON ({err}); fix: rerun `python -m llm.train_tokenizer` "
+                           f"(it writes the file again)") from None
 
 
 # ----------------------------------------------------------------------------- sections
 
 
 def summary_table(stages: Sequence[Stage]) -> str:
-    header = "| metric | " + " | ".join(s.name if s.present else f"{s.name} (missing)" for s in stages) + " |"
+    header = "| metric | " + " | ".join(s.name if s.present and not s.damage else
+                                        f"{s.name} ({'damaged' if s.damage else 'missing'})" for s in stages) + " |"
     lines = [header, "|---|" + "---:|" * len(stages)]
     for row in ROWS:
         cells = [(row.value(s.metrics) if s.present else None) or MISSING for s in stages]
@@ -161,6 +177,13 @@ def tokenizer_section(compression: dict | None) -> str:
              "", "| held-out text | bytes per token |", "|---|---:|"]
     lines += [f"| {name} | {ratio:.3f} |" for name, ratio in compression["bytes_per_token"].items()]
     return "\n".join(lines)
+
+
+def tokenizer_section_of(path: Path) -> str:
+    try:
+        return tokenizer_section(read_compression(path))
+    except BadFileError as err:
+        return f"Damaged: {err}"
 
 
 def results_table(results: dict) -> str:
@@ -186,6 +209,8 @@ def stage_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence[
     if not stage.present:
         return (f"## {stage.name}\n\nMissing: no artifact at {stage.folder} "
                 f"(run `python -m llm.train stage={stage.name}`).")
+    if stage.damage:
+        return f"## {stage.name}\n\nDamaged: {stage.damage}"
     lines = [f"## {stage.name}", ""]
     scalars = {k: v for k, v in stage.metrics.items() if isinstance(v, (int, float, str)) and k != "tensorboard_dir"}
     if scalars:
@@ -214,7 +239,7 @@ def render_report(artifacts: str | Path, out: str | Path, stages: Sequence[str],
         "# nanochat-lightning report card",
         f"\nGenerated {datetime.now().isoformat(timespec='seconds')} from {artifacts}\n",
         "## Summary\n", summary_table(read),
-        "\n## Tokenizer\n", tokenizer_section(read_json(artifacts / "tokenizer" / "compression.json")),
+        "\n## Tokenizer\n", tokenizer_section_of(artifacts / "tokenizer" / "compression.json"),
         "\n## Environment\n", "\n".join(f"- {k}: {v}" for k, v in env.items()), "",
         *[stage_section(s, figures, out.parent, curve_tags) + "\n" for s in read],
     ]

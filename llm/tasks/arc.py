@@ -11,6 +11,7 @@ from llm.tasks.hub import DataFiles, load_rows
 from llm.tasks.multiple_choice import MultipleChoiceTask, mc_conversation
 
 SUBSETS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
+COLUMNS = {"id": str, "question": str, "choices": dict, "answerKey": str}
 
 
 class ARC(MultipleChoiceTask):
@@ -29,7 +30,7 @@ class ARC(MultipleChoiceTask):
 
     def examples(self, split: str):
         return load_rows(self.name, "allenai/ai2_arc", self.subset, split, data_files=self.data_files,
-                         source=self.source)
+                         source=self.source, columns=COLUMNS)
 
     def to_conversation(self, row: dict) -> Conversation:
         choices = row["choices"]

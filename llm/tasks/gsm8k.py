@@ -27,6 +27,7 @@ from llm.tasks.hub import DATA_DIR, DataFiles, load_rows
 
 VENDORED_DIR = DATA_DIR / "gsm8k"
 _CALCULATOR = re.compile(r"(<<[^>]+>>)")
+COLUMNS = {"question": str, "answer": str}
 
 
 def answer_to_parts(answer: str) -> list[Part]:
@@ -72,7 +73,8 @@ class GSM8K(Task):
         if self.source == "vendored" and self.data_files is None:
             return read_vendored(split)
         source = "hub" if self.source == "vendored" else self.source
-        return load_rows(self.name, "openai/gsm8k", "main", split, data_files=self.data_files, source=source)
+        return load_rows(self.name, "openai/gsm8k", "main", split, data_files=self.data_files, source=source,
+                         columns=COLUMNS)
 
     def to_conversation(self, row: dict) -> Conversation:
         return {"messages": [

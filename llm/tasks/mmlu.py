@@ -12,6 +12,7 @@ from llm.tasks.hub import DataFiles, load_rows
 from llm.tasks.multiple_choice import MultipleChoiceTask, mc_conversation
 
 LETTERS = ("A", "B", "C", "D")
+COLUMNS = {"question": str, "subject": str, "choices": list, "answer": int}  # of "all" (auxiliary_train: either form)
 
 
 class MMLU(MultipleChoiceTask):
@@ -34,7 +35,9 @@ class MMLU(MultipleChoiceTask):
         super().__init__(split, **view)
 
     def examples(self, split: str):
-        return load_rows(self.name, "cais/mmlu", self.subset, split, data_files=self.data_files, source=self.source)
+        columns = COLUMNS if self.subset == "all" else None
+        return load_rows(self.name, "cais/mmlu", self.subset, split, data_files=self.data_files, source=self.source,
+                         columns=columns)
 
     def to_conversation(self, row: dict) -> Conversation:
         row = row.get("train") or row  # auxiliary_train's extra wrapper

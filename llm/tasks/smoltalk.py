@@ -11,6 +11,9 @@ from llm.conversation import Conversation, validate_conversation
 from llm.tasks.hub import DataFiles, load_rows
 
 
+COLUMNS = {"messages": list}
+
+
 class SmolTalk(Task):
     name = "smoltalk"
 
@@ -20,7 +23,7 @@ class SmolTalk(Task):
 
     def examples(self, split: str):
         return load_rows(self.name, "HuggingFaceTB/smol-smoltalk", None, split, data_files=self.data_files,
-                         source=self.source)
+                         source=self.source, columns=COLUMNS)
 
     def to_conversation(self, row: dict) -> Conversation:
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
