@@ -180,7 +180,8 @@ def resolve_artifact(source: str | Path, artifacts: str | Path) -> Path:
 
 
 def _fix(folder: Path, stage: object = None) -> str:
-    stage = stage if stage in STAGES else folder.name if folder.name in STAGES else None
+    # the stage config.yaml names, else the folder's name (a stage's folder is named after it)
+    stage = stage if isinstance(stage, str) and stage.isidentifier() else folder.name
     rerun = f"rerun `python -m llm.train stage={stage}`" if stage else "write the artifact again"
     return f"fix: {rerun} (it rewrites the whole folder), or point source= (stage.init_from= when training) at " \
            f"another artifact folder"

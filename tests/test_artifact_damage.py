@@ -16,13 +16,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import compose_config
+from conftest import compose_config, optimizer_config
 from llm import artifact
 from llm.chat import load_generator
 from llm.errors import BadFileError
 from llm.eval import evaluate
 from llm.model.gpt import GPT, GPTConfig
-from llm.optim.groups import OptimizerConfig
 from llm.reporting.report_card import render_report
 from llm.serve import build_server
 from llm.stages.base import PretrainModule
@@ -102,6 +101,8 @@ def damaged_copy(intact: Path, tmp_path: Path, damage, other_tokenizer) -> Path:
     return artifacts
 
 
+REPORT = (["base", "mid", "sft", "rl"], ["train/loss"])  # stages and curves, as conf/report.yaml lists them
+
 def chat(artifacts: Path, tokenizer_dir: Path):
     load_generator(compose_config("chat", [f"paths.artifacts={artifacts}", "source=sft", "device=cpu"]))
 
@@ -123,7 +124,7 @@ def init_from(artifacts: Path, tokenizer_dir: Path):
 
 def report(artifacts: Path, tokenizer_dir: Path):
     """The report does not fail: it shows the stage as damaged, with the line (raised here to compare)."""
-    text = render_report(artifacts, artifacts / "report.md")
+    text = render_report(artifacts, artifacts / "report.md", *REPORT)
     assert "sft (damaged)" in text.split("## Tokenizer")[0]
     line = text.split("## sft\n\nDamaged: ")[1].split("\n")[0]
     raise BadFileError(line)
@@ -152,7 +153,7 @@ def test_an_intact_artifact_passes_every_check(intact, tmp_path, tokenizer_dir):
     chat(artifacts, tokenizer_dir)
     serve(artifacts, tokenizer_dir)
     init_from(artifacts, tokenizer_dir)
-    assert "| metric | base (missing) | mid (missing) | sft | rl (missing) |" in render_report(artifacts, tmp_path / "r.md")
+    assert "| metric | base (missing) | mid (missing) | sft | rl (missing) |" in render_report(artifacts, tmp_path / "r.md", *REPORT)
 
 
 def test_a_damaged_stage_leaves_the_rest_of_the_report_useful(intact, tmp_path, tokenizer, tokenizer_dir):
@@ -160,7 +161,7 @@ def test_a_damaged_stage_leaves_the_rest_of_the_report_useful(intact, tmp_path, 
     save_tiny(artifacts / "base", tokenizer, "base")
     (artifacts / "tokenizer").mkdir()
     (artifacts / "tokenizer" / "compression.json").write_text("{")
-    text = render_report(artifacts, artifacts / "report.md")
+    text = render_report(artifacts, artifacts / "report.md", *REPORT)
     assert "| metric | base | mid (missing) | sft (damaged) | rl (missing) |" in text
     assert "| final train loss | 1.5000 | — | — | — |" in text  # base's numbers are there
     assert "compression.json: does not parse as JSON" in text and "python -m llm.train_tokenizer" in text
@@ -183,7 +184,8 @@ def test_chat_prints_one_line_and_no_traceback(intact, tmp_path):
 
 def module_for(tokenizer: Tokenizer, n_layer: int = 2, total_steps: int = 10) -> PretrainModule:
     config = GPTConfig.from_depth(n_layer, vocab_size=tokenizer.vocab_size, sequence_len=64)
-    return PretrainModule(config, OptimizerConfig(), tokenizer, total_steps=total_steps)
+    return PretrainModule(config, optimizer_config(), tokenizer, total_steps=total_steps, warmup_ratio=0.0,
+                          warmdown_ratio=0.2, final_lr_frac=0.0, sample_every=0, sample_max_tokens=1, sample_prompts=[])
 
 
 def lightning_checkpoint(path: Path, module: PretrainModule) -> Path:
@@ -230,7 +232,7 @@ def test_train_with_a_damaged_checkpoint_fails_and_keeps_the_artifact(tmp_path, 
     ckpt.write_bytes(b"PK\x03\x04 half of a zip")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
     overrides = ["stage=base", *TINY, "trainer=cpu", f"paths.artifacts={artifacts}", f"tokenizer_dir={tokenizer_dir}",
-                 "data.batch_size=2", "data.num_workers=0", "stage.total_batch_tokens=128", "trainer.max_steps=2",
+                 "stage.batch.per_device=2", "data.num_workers=0", "stage.batch.per_step=128", "trainer.max_steps=2",
                  "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra"]
     proc = subprocess.run([sys.executable, "-m", "llm.train", *overrides], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
