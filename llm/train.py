@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -100,6 +100,14 @@ def build_loggers(cfg: DictConfig, folder: Path) -> list[Logger]:
     """The logger group's loggers (conf/logger/), each writing under <run folder>/<its name>."""
     root = log_dir(cfg, folder)
     return [instantiate(settings, save_dir=str(root / name)) for name, settings in (cfg.logger or {}).items()]
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close what Lightning leaves open: a wandb run stays live until the process ends, so the next run in the
+    same process (a sweep, a test) would log into it, and an offline run file is only complete once closed."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # other ranks hold a dummy experiment: finish() does nothing
+            logger.experiment.finish()
 
 
 def build_trainer(cfg: DictConfig, plan: RunPlan, callbacks: list, loggers: list[Logger]) -> L.Trainer:
@@ -180,6 +188,7 @@ def run(cfg: DictConfig) -> dict:
                 "val_check_interval": trainer.val_check_interval, "limit_val_batches": trainer.limit_val_batches,
                 "world_size": trainer.world_size},
     }
+    finish_loggers(trainer.loggers)
     if trainer.is_global_zero:
         extra = {"init_from": cfg.stage.get("init_from"), "plan": plan.to_dict(),
                  "config": OmegaConf.to_container(cfg, resolve=True),
