@@ -23,6 +23,7 @@ from llm.artifact import load_artifact, read_metrics, resolve_artifact, update_m
 from llm.config import absolute, resolve_precision
 from llm.errors import one_line_errors
 from llm.evaluate.generative import SandboxSettings
+from llm.evaluate.lm_eval_bridge import LmEvalSettings
 from llm.evaluate.record import eval_section, merge_eval
 from llm.evaluate.sharding import Shard
 from llm.evaluate.suite import ChatLossSettings, CoreSettings, HeldoutSettings, SuiteResults, SuiteSettings, run_suite
@@ -65,6 +66,7 @@ def suite_settings(cfg: DictConfig, meta: dict) -> SuiteSettings:
         core=CoreSettings(cfg.core.bundle, None if core_tasks is None else list(container(core_tasks))),
         chat_loss=ChatLossSettings(container(cfg.chat_loss.val_tasks, resolve=True), int(cfg.chat_loss.seed)),
         task_options=container(cfg.task_options, resolve=True) or {},
+        lm_eval=LmEvalSettings(**container(cfg.lm_eval, resolve=True)),
     )
 
 

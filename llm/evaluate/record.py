@@ -6,7 +6,8 @@
       "chatcore_tasks": [...],
       "core_tasks": {"hellaswag": {...}, ...},
       "core":       mean centered accuracy over "core_tasks",
-      "val_bpb", "val_bpb_tokens"
+      "val_bpb", "val_bpb_tokens",
+      "lm_eval":    {"hellaswag": {"metric", "value", "metrics", "n", ...}, ...}   (llm.evaluate.lm_eval_bridge)
     }
 
 Evaluations accumulate: running `tasks=[gsm8k]` after `tasks=[arc_easy,mmlu]` keeps the ARC and MMLU
@@ -17,15 +18,17 @@ from __future__ import annotations
 
 from llm.evaluate.results import mean_centered
 
+PER_TASK = ("tasks", "core_tasks", "lm_eval")  # sections keyed by task: a new run adds to them
+
 
 def merge_eval(old: dict | None, new: dict) -> dict:
     """`old` eval section updated with `new` results (same layout); aggregates recomputed."""
     merged = dict(old or {})
-    for section in ("tasks", "core_tasks"):
+    for section in PER_TASK:
         if section in new:
             merged[section] = {**merged.get(section, {}), **new[section]}
     for key, value in new.items():
-        if key not in ("tasks", "core_tasks"):
+        if key not in PER_TASK:
             merged[key] = value
     if merged.get("tasks"):
         merged["chatcore"] = mean_centered(merged["tasks"])

@@ -5,6 +5,7 @@
     "core"       the CORE tasks of an eval bundle                        (llm.evaluate.core)
     any categorical task of llm.tasks (arc_easy, arc_challenge, mmlu)    (llm.evaluate.categorical)
     any generative task of llm.tasks (gsm8k, humaneval, spelling_bee...) (llm.evaluate.generative)
+    "lm_eval:<task>"  any lm-evaluation-harness task or group           (llm.evaluate.lm_eval_bridge)
 
 The same code serves `python -m llm.eval` (one process per rank, under Lightning Fabric) and the
 notebook (one process). Every rank calls run_suite with its Shard; the results are the same on all.
@@ -24,6 +25,7 @@ from llm.evaluate.chat_loss import ChatLossResult, evaluate_chat_loss
 from llm.evaluate.core import evaluate_core, load_bundle
 from llm.evaluate.generative import BatchGenerator, SandboxSettings, evaluate_generative
 from llm.evaluate.heldout import BpbResult, evaluate_bpb, heldout_rows
+from llm.evaluate.lm_eval_bridge import LmEvalSettings, evaluate_lm_eval, is_lm_eval_task, lm_eval_task, table_rows
 from llm.evaluate.results import TaskResult, mean_centered
 from llm.evaluate.sandbox import require_sandbox
 from llm.evaluate.sharding import Shard
@@ -67,12 +69,14 @@ class SuiteSettings:
     core: CoreSettings | None = None
     chat_loss: ChatLossSettings | None = None
     task_options: dict[str, dict] = field(default_factory=dict)  # build_task kwargs per task (split, source...)
+    lm_eval: LmEvalSettings = LmEvalSettings()  # lm_eval:<task> tasks
 
     def __post_init__(self):
         known = set(SUITE_TASKS) | set(TASKS)
-        unknown = [t for t in self.tasks if t not in known]
+        unknown = [t for t in self.tasks if t not in known and not (is_lm_eval_task(t) and lm_eval_task(t))]
         if unknown:
-            raise ValueError(f"unknown evaluation tasks {unknown}; valid: {sorted(known)}")
+            raise ValueError(f"unknown evaluation tasks {unknown}; valid: {sorted(known)}, or lm_eval:<task> "
+                             f"for an lm-evaluation-harness task")
         for name in self.tasks:  # refuse train-only tasks before loading their data (known for task classes)
             if name in TASKS and getattr(TASKS[name], "eval_type", "") is None:
                 raise _not_evaluable(name)
@@ -86,6 +90,7 @@ class SuiteResults:
     core: dict[str, TaskResult] = field(default_factory=dict)  # CORE tasks by label
     bpb: BpbResult | None = None
     chat_loss: ChatLossResult | None = None
+    lm_eval: dict[str, dict] = field(default_factory=dict)  # lm-eval tasks and groups (lm_eval_bridge.summarize)
 
     @property
     def chatcore(self) -> float | None:
@@ -106,6 +111,8 @@ class SuiteResults:
             section.update(self.bpb.to_dict())
         if self.chat_loss is not None:
             section.update(self.chat_loss.to_dict())
+        if self.lm_eval:
+            section["lm_eval"] = self.lm_eval
         return section
 
     def table(self) -> str:
@@ -113,6 +120,7 @@ class SuiteResults:
         lines = ["| task | kind | n | accuracy | centered |", "|---|---|---:|---:|---:|"]
         for r in [*self.core.values(), *self.tasks.values()]:
             lines.append(f"| {r.task} | {r.kind} | {r.total} | {_pct(r.accuracy)} | {_num(r.centered)} |")
+        lines += table_rows(self.lm_eval)
         if self.core:
             lines.append(f"| **CORE** | mean of {len(self.core)} |  |  | {_num(self.core_metric)} |")
         if self.tasks:
@@ -185,6 +193,9 @@ def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, s
                                         "(or LLM_EVAL_BUNDLE)")
             tasks = load_bundle(Path(settings.core.bundle), settings.core.tasks)
             results.core.update(evaluate_core(model, tokenizer, tasks, settings.max_per_task, shard, progress))
+        elif is_lm_eval_task(name):
+            results.lm_eval.update(evaluate_lm_eval(model, tokenizer, lm_eval_task(name), settings.lm_eval,
+                                                    settings.batch_size, settings.max_per_task, shard, progress))
         else:
             task = load_chat_task(name, settings.task_options.get(name), settings.max_per_task)
             if task.eval_type == "categorical":

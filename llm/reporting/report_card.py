@@ -101,6 +101,14 @@ def aggregate(path: str, tasks: str) -> Callable[[dict], str | None]:
     return cell
 
 
+def lm_eval_scores(m: dict) -> str | None:
+    """One cell listing "<task> <metric> <value>" for every lm-evaluation-harness task (tasks=[lm_eval:...])."""
+    records = lookup(m, "eval.lm_eval")
+    if not records:
+        return None
+    return "<br>".join(f"{name} {r['metric']} {fmt_number(r['value']) or MISSING}" for name, r in records.items())
+
+
 @dataclass(frozen=True)
 class Row:
     label: str
@@ -113,6 +121,7 @@ ROWS: list[Row] = [
     Row("chat loss (held-out conversations)", key("eval.chat_loss")),
     *[Row(name, chat_accuracy(task)) for task, name in CHAT_TASK_NAMES.items()],
     Row("ChatCORE", aggregate("eval.chatcore", "eval.tasks")),
+    Row("lm-eval", lm_eval_scores),
     # written by the RL stage (llm.stages.rl): mean reward and GSM8K pass@1 before and after training
     Row("RL reward (before → after)", before_after("reward_before", "reward_after")),
     Row("GSM8K pass@1 (before → after)", before_after("gsm8k_pass1_before", "gsm8k_pass1_after")),
@@ -194,6 +203,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def lm_eval_table(records: dict) -> str:
+    lines = ["| task | n | metric | value | stderr |", "|---|---:|---|---:|---:|"]
+    for name, r in records.items():
+        stderr = fmt_number(r["metrics"].get(f"{r['metric']}_stderr")) or MISSING
+        lines.append(f"| {name} | {r['n'] if r['n'] is not None else MISSING} | {r['metric']} | "
+                     f"{fmt_number(r['value']) or MISSING} | {stderr} |")
+    return "\n".join(lines)
+
+
 def curves_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence[str]) -> str:
     logs = stage.metrics.get("tensorboard_dir")
     if not logs or not Path(logs).exists():
@@ -222,6 +240,8 @@ def stage_section(stage: Stage, out_dir: Path, report_dir: Path, tags: Sequence[
         lines += [f"CORE {ev['core']:.4f} over {len(ev['core_tasks'])} tasks:", "", results_table(ev["core_tasks"]), ""]
     if ev.get("tasks"):
         lines += [f"ChatCORE {ev['chatcore']:.4f} over {len(ev['tasks'])} tasks:", "", results_table(ev["tasks"]), ""]
+    if ev.get("lm_eval"):
+        lines += ["lm-evaluation-harness:", "", lm_eval_table(ev["lm_eval"]), ""]
     if not ev:
         lines += [f"Not evaluated (run `python -m llm.eval source={stage.name}`).", ""]
     lines.append(curves_section(stage, out_dir, report_dir, tags))
