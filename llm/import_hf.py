@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     print(f"imported {cfg.path} -> {dest}\n"
           f"  train: python -m llm.train stage=sft stage.init_from={dest} tokenizer_dir={dest} {shape}\n"
           f"  chat:  python -m llm.chat source={dest}\n"
-          f"  eval:  python -m llm.eval source={dest}\n"
+          f"  eval:  python -m llm.eval source={dest} tasks=[arc_easy,gsm8k]   (or lm_eval:<task>, bpb, ...)\n"
           f"  serve: python -m llm.serve source={dest}")
 
 

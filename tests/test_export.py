@@ -294,10 +294,9 @@ def test_model_overrides_make_llm_train_build_the_imported_shape(tokenizer, dept
 
 
 def test_imported_folder_trains_one_sft_step(imported, tmp_path):
-    config = read_meta(imported)["model"]
     overrides = ["stage=sft", f"stage.init_from={imported}", f"tokenizer_dir={imported}", "trainer=cpu",
                  *model_overrides(load_artifact(imported)[0].config, DEPTHS), f"paths.artifacts={tmp_path}",
-                 "data.batch_size=2", "data.num_workers=0", f"stage.total_batch_tokens={2 * config['sequence_len']}",
+                 "stage.batch.per_device=2", "stage.batch.per_step=2", "data.num_workers=0",
                  "stage.val_every=1000", "stage.val_batches=1", "trainer.precision=32-true",
                  "trainer.enable_progress_bar=false", "trainer.max_steps=1",
                  "data.tasks=[{name:arithmetic,size:8}]"]

@@ -175,7 +175,7 @@ def test_llm_eval_merges_lm_eval_results_into_metrics_and_the_report(artifacts, 
     mc, ppl = records["nanochat_tiny_mc"], records["nanochat_tiny_ppl"]
     assert mc["metric"] == "acc" and 0 <= mc["value"] <= 1 and mc["n"] == ROWS and "acc_norm" in mc["metrics"]
     assert ppl["n"] == 5 and ppl["max_per_task"] == 5
-    report = render_report(artifacts, artifacts / "report.md")
+    report = render_report(artifacts, artifacts / "report.md", ["sft"], ["train/loss"])
     assert "lm-evaluation-harness:" in report and f"nanochat_tiny_mc acc {mc['value']:.4f}" in report
 
 

@@ -115,21 +115,18 @@ def from_hf_config(hf) -> tuple[GPTConfig, list[str]]:
     return config, notes
 
 
-# The keys conf/model/_depth_dial.yaml sets (overridden as model.x=y); any other GPTConfig field is added (+model.x=y).
-DIAL_KEYS = ("sequence_len", "positions", "mlp", "tie_embeddings", "logit_softcap")
-
-
 def model_overrides(config: GPTConfig, named_depths: Collection[int]) -> list[str]:
     """The overrides under which `python -m llm.train` builds exactly this shape (what `stage=sft
     init_from=<imported folder>` needs): model=dNN (a depth without its conf/model file: model=d2 model.depth=NN),
-    its sequence_len, and every field the depth dial sets otherwise. named_depths: the NN of conf/model/dNN.yaml."""
+    its sequence_len, and every field the depth dial sizes otherwise (conf/model/_depth_dial.yaml lists them all).
+    named_depths: the NN of the conf/model/dNN.yaml files."""
     n = config.n_layer
     dial = GPTConfig.from_depth(n, vocab_size=config.vocab_size)
     out = [f"model=d{n}"] if n in named_depths else ["model=d2", f"model.depth={n}"]
     out.append(f"model.sequence_len={config.sequence_len}")
     for name, value in vars(config).items():
         if name not in ("vocab_size", "sequence_len") and getattr(dial, name) != value:
-            out.append(f"{'' if name in DIAL_KEYS else '+'}model.{name}={_hydra_value(value)}")
+            out.append(f"model.{name}={_hydra_value(value)}")
     return out
 
 

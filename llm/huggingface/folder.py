@@ -26,7 +26,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from safetensors.torch import save_file
 
-from llm.artifact import STAGES, load_artifact, read_meta, save_artifact
+from llm.artifact import load_artifact, read_meta, save_artifact
 from llm.huggingface import config as hf_config
 from llm.huggingface import tokenizer_json, weights
 from llm.huggingface.chat_template import CHAT_TEMPLATE
@@ -114,9 +114,6 @@ def import_folder(folder: Path, dest: Path, stage: str, overwrite: bool = False)
     (what mapped only approximately). Config and tokenizer are checked before any weight is read."""
     from transformers import AutoConfig  # the hf extra: it fills in the defaults a hub config.json leaves out
 
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r} is not one of {STAGES} (it decides llm.eval's default tasks: base -> "
-                         f"bpb and CORE, the others -> the chat tasks)")
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {folder}: give the folder of a transformers checkpoint")
     hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
