@@ -61,7 +61,9 @@ def _hf_piece(piece: spm_pb2.ModelProto.SentencePiece) -> str:
 
 def bpe_merges(vocab: dict[str, int], normal: set[str]) -> list[tuple[str, str]]:
     """Every split of every normal piece into two normal pieces, the best piece (lowest id) first; splits of
-    one piece ordered by their parts' ids."""
+    one piece ordered by their parts' ids. (sentencepiece breaks a tie between two splits of one piece by
+    position, a merge list by rank; they can only disagree when the two pairs overlap, as in x|xx|x, which
+    leftmost-first merging of a BPE vocabulary does not produce in practice: the tests compare random text.)"""
     merges = []
     for piece in normal:
         for cut in range(1, len(piece)):
