@@ -120,14 +120,12 @@ def import_folder(folder: Path, dest: Path, stage: str, overwrite: bool = False)
     config, notes = hf_config.from_hf_config(hf)
     tokenizer, note = read_tokenizer(folder)
     notes += [note] if note else []
-    if config.vocab_size < tokenizer.vocab_size:
+    if config.vocab_size != tokenizer.vocab_size:  # an artifact's model and tokenizer agree (llm.artifact)
         raise ValueError(f"config.json has vocab_size={config.vocab_size} but tokenizer.json {tokenizer.vocab_size} "
-                         f"tokens: the model has no logits for the last ones")
-    if config.vocab_size > tokenizer.vocab_size:  # padded rows: chat, eval and serve use it; training needs equal
-        notes.append(f"the model has {config.vocab_size} token ids, the tokenizer {tokenizer.vocab_size}: llm.train "
-                     f"(init_from) needs the two equal")
+                         f"tokens: our artifacts need the two equal (a padded vocabulary is not supported)")
     state = weights.from_hf_state(weights.read_safetensors(folder), config)
     with atomic_folder(dest, overwrite) as tmp:
+        # a fresh folder (save_artifact would carry an old folder's checkpoints over); provenance in "config"
         save_artifact(tmp, state, config, tokenizer, stage, metrics={},
-                      extra={"imported_from": str(folder), "import_notes": notes})
+                      extra={"config": {"import_hf": {"path": str(folder), "notes": notes}}})
     return dest, notes
