@@ -22,7 +22,7 @@ import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.artifact import load_artifact, read_metrics, resolve_artifact, update_metrics
 from llm.config import absolute, resolve_precision
 from llm.errors import one_line_errors
-from llm.evaluate.generative import SandboxSettings
+from llm.evaluate.sandbox import SandboxSettings
 from llm.evaluate.lm_eval_bridge import LmEvalSettings
 from llm.evaluate.record import eval_section, merge_eval
 from llm.evaluate.sharding import Shard

@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from eval_support import ScriptedGenerator, make_model, make_tokenizer
-from llm.evaluate.generative import SandboxSettings, evaluate_generative
+from llm.evaluate.generative import evaluate_generative
+from llm.evaluate.sandbox import SandboxSettings
 from llm.generate.sampling import Sampling
 from llm.generate.text_stream import completion_text
 from llm.tasks import build_task

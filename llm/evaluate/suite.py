@@ -23,11 +23,11 @@ from llm.data.sources import TextSource, iter_texts
 from llm.evaluate.categorical import evaluate_categorical
 from llm.evaluate.chat_loss import ChatLossResult, evaluate_chat_loss
 from llm.evaluate.core import evaluate_core, load_bundle
-from llm.evaluate.generative import BatchGenerator, SandboxSettings, evaluate_generative
+from llm.evaluate.generative import BatchGenerator, evaluate_generative
 from llm.evaluate.heldout import BpbResult, evaluate_bpb, heldout_rows
 from llm.evaluate.lm_eval_bridge import LmEvalSettings, evaluate_lm_eval, is_lm_eval_task, lm_eval_task, table_rows
 from llm.evaluate.results import TaskResult, mean_centered
-from llm.evaluate.sandbox import require_sandbox
+from llm.evaluate.sandbox import SandboxSettings, require_sandbox
 from llm.evaluate.sharding import Shard
 from llm.generate.sampling import Sampling
 from llm.tasks import TASKS, HubUnavailableError, build_mixture, build_task
@@ -172,7 +172,12 @@ _SETTINGS = {"bpb": "heldout", "core": "core", "chat_loss": "chat_loss"}
 def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, shard: Shard = Shard(),
               generator: BatchGenerator | None = None, progress: bool = True) -> SuiteResults:
     """Evaluate every task of settings.tasks (in order) on this rank's share; same results on all ranks."""
-    if "humaneval" in settings.tasks and settings.sandbox is not None:  # refuse before the other tasks run
+    # every task's data first, and the sandbox where a task runs code: a run that cannot finish fails at once
+    chat_tasks = {name: load_chat_task(name, settings.task_options.get(name), settings.max_per_task)
+                  for name in settings.tasks if name not in SUITE_TASKS and not is_lm_eval_task(name)}
+    if any(task.runs_code for task in chat_tasks.values()):
+        if settings.sandbox is None:
+            raise ValueError("a task runs model-written code: SuiteSettings needs sandbox settings (conf/eval.yaml)")
         require_sandbox(settings.sandbox.allow_weaker)
     results = SuiteResults()
     for name in settings.tasks:
@@ -196,17 +201,16 @@ def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, s
         elif is_lm_eval_task(name):
             results.lm_eval.update(evaluate_lm_eval(model, tokenizer, lm_eval_task(name), settings.lm_eval,
                                                     settings.batch_size, settings.max_per_task, shard, progress))
+        elif chat_tasks[name].eval_type == "categorical":
+            results.tasks[name] = evaluate_categorical(model, tokenizer, chat_tasks[name], settings.batch_size, shard,
+                                                       progress)
         else:
-            task = load_chat_task(name, settings.task_options.get(name), settings.max_per_task)
-            if task.eval_type == "categorical":
-                results.tasks[name] = evaluate_categorical(model, tokenizer, task, settings.batch_size, shard, progress)
-            else:
-                if generator is None:
-                    from llm.generate.engine import Generator
-                    generator = Generator(model, tokenizer)
-                if settings.generation is None or settings.sandbox is None:
-                    raise ValueError(f"task {name!r} is generative: SuiteSettings needs generation and sandbox "
-                                     f"settings (conf/eval.yaml)")
-                results.tasks[name] = evaluate_generative(generator, tokenizer, task, settings.generation,
-                                                          settings.sandbox, settings.batch_size, shard, progress)
+            if generator is None:
+                from llm.generate.engine import Generator
+                generator = Generator(model, tokenizer)
+            if settings.generation is None:
+                raise ValueError(f"task {name!r} is generative: SuiteSettings needs generation settings "
+                                 f"(conf/eval.yaml)")
+            results.tasks[name] = evaluate_generative(generator, tokenizer, chat_tasks[name], settings.generation,
+                                                      settings.sandbox, settings.batch_size, shard, progress)
     return results

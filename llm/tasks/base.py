@@ -12,11 +12,14 @@ mid-training and SFT mixtures.
 import copy
 import operator
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from llm.conversation import Conversation
+
+if TYPE_CHECKING:  # only the type: a task that runs code imports the sandbox itself
+    from llm.evaluate.sandbox import SandboxSettings
 
 EvalType = Literal["categorical", "generative"] | None
 
@@ -48,6 +51,7 @@ class Task:
 
     name: str = "task"
     eval_type: EvalType = None
+    runs_code: bool = False  # checking an answer runs it (in the sandbox: llm.evaluate.sandbox)
     splits: tuple[str, ...] = ("train", "test")
 
     def __init__(self, split: str = "train", *, start: int = 0, stop: int | None = None, step: int = 1,
@@ -70,6 +74,12 @@ class Task:
     def check(self, conversation: Conversation, answer: str) -> bool:
         """Whether `answer` is right for this (reference) conversation. Evaluation tasks only."""
         raise NotImplementedError(f"task {self.name!r} does not implement check()")
+
+    def check_samples(self, conversations: Sequence[Conversation], samples: Sequence[list[str]],
+                      sandbox: "SandboxSettings | None" = None) -> list[bool]:
+        """Solved or not, per conversation: right when any of its samples passes check(). The evaluator
+        calls this; a task whose answers must run (runs_code) overrides it and runs them in the sandbox."""
+        return [any(self.check(c, s) for s in ss) for c, ss in zip(conversations, samples)]
 
     def reward(self, conversation: Conversation, completion: str) -> float:
         """RL reward of a sampled completion. RL-capable tasks only."""

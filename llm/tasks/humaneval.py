@@ -11,9 +11,11 @@ with) and leaves running it to the sandbox, whose harness, not the model's code,
 """
 
 import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from llm.conversation import Conversation
-from llm.evaluate.sandbox import TestedProgram
+from llm.evaluate.sandbox import SandboxSettings, TestedProgram, require_sandbox, run_tests
 from llm.tasks.base import Task
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -43,6 +45,7 @@ class HumanEval(Task):
 
     name = "humaneval"
     eval_type = "generative"
+    runs_code = True
     splits = ("test",)
 
     def __init__(self, split: str = "test", **view):
@@ -78,7 +81,25 @@ class HumanEval(Task):
 
     def check(self, conversation: Conversation, answer: str) -> bool:
         raise NotImplementedError(
-            "HumanEval is scored by running its program in the execution sandbox, e.g. "
-            "llm.evaluate.sandbox.run_tests(HumanEval.program(conversation, completion)).success; "
-            "the task itself never executes code"
+            "HumanEval is scored by running its program in the execution sandbox: check_samples(..., sandbox), "
+            "or llm.evaluate.sandbox.run_tests(HumanEval.program(conversation, completion)).success"
         )
+
+    def check_samples(self, conversations: Sequence[Conversation], samples: Sequence[list[str]],
+                      sandbox: SandboxSettings | None = None) -> list[bool]:
+        """Solved or not, per problem: any sample's code passes the problem's tests in the sandbox, run
+        sandbox.workers at a time. SandboxUnavailable at once where this machine lacks the sandbox."""
+        if sandbox is None:
+            raise ValueError("HumanEval runs model-written code: give check_samples the sandbox settings")
+        require_sandbox(sandbox.allow_weaker)
+
+        def passes(job: tuple[Conversation, str]) -> bool:
+            conversation, completion = job
+            return run_tests(self.program(conversation, completion), timeout_s=sandbox.timeout_s,
+                             memory_mb=sandbox.memory_mb, allow_weaker=sandbox.allow_weaker).success
+
+        jobs = [(c, s) for c, ss in zip(conversations, samples) for s in ss]
+        with ThreadPoolExecutor(max(1, sandbox.workers)) as pool:
+            outcomes = list(pool.map(passes, jobs))
+        k = len(samples[0]) if samples else 1
+        return [any(outcomes[i * k:(i + 1) * k]) for i in range(len(conversations))]

@@ -55,9 +55,9 @@ namespaces, user (root stays root, without capabilities) and, where Landlock is 
 Linux only.
 """
 
-from llm.evaluate.sandbox.runner import (ExecutionResult, SandboxUnavailable, TestedProgram,
+from llm.evaluate.sandbox.runner import (ExecutionResult, SandboxSettings, SandboxUnavailable, TestedProgram,
                                          check_humaneval, humaneval_program, require_sandbox,
                                          run_program, run_tests)
 
-__all__ = ["ExecutionResult", "SandboxUnavailable", "TestedProgram", "check_humaneval",
+__all__ = ["ExecutionResult", "SandboxSettings", "SandboxUnavailable", "TestedProgram", "check_humaneval",
            "humaneval_program", "require_sandbox", "run_program", "run_tests"]

@@ -93,6 +93,15 @@ def check_humaneval(problem: dict, completion: str, timeout_s: float = 5.0) -> E
 # ----------------------------------------------------------------------------- which sandbox
 
 
+@dataclass(frozen=True)
+class SandboxSettings:
+    """How model-written code runs when a task checks answers by running them (conf/eval.yaml's sandbox)."""
+    timeout_s: float
+    memory_mb: int
+    workers: int  # programs run at once
+    allow_weaker: bool  # run without bubblewrap's namespaces (or seccomp) where they are missing
+
+
 def require_sandbox(allow_weaker: bool = False) -> isolation.Isolation:
     """The isolation this machine gives, or SandboxUnavailable naming what is missing and the fix.
     With allow_weaker, runs on with what there is, and says so in the log (once per problem)."""
