@@ -6,7 +6,9 @@ a config is composed, so `${on_cpu:...}` and `${mul:...}` resolve everywhere.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +65,14 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def absolute(path: str | Path) -> Path:
     return Path(path).expanduser().absolute()
+
+
+def quiet_libraries() -> None:
+    """What a newcomer should not have to read: Lightning's advertisement and deprecations inside it."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 register_resolvers()

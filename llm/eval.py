@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.artifact import load_artifact, read_metrics, resolve_artifact, update_metrics
-from llm.config import absolute, resolve_precision
+from llm.config import absolute, quiet_libraries, resolve_precision
 from llm.errors import one_line_errors
 from llm.evaluate.sandbox import SandboxSettings
 from llm.evaluate.lm_eval_bridge import LmEvalSettings
@@ -72,6 +72,7 @@ def suite_settings(cfg: DictConfig, meta: dict) -> SuiteSettings:
 
 def evaluate(cfg: DictConfig) -> SuiteResults:
     """Evaluate on every rank; rank 0 prints the table and writes metrics.json."""
+    quiet_libraries()
     fabric = build_fabric(cfg)
     fabric.launch()
     started = time.time()

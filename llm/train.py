@@ -10,9 +10,7 @@ the plan in its config.yaml and metrics.json.
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -28,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from llm import artifact
-from llm.config import absolute, resolve_precision, world_size
+from llm.config import absolute, quiet_libraries, resolve_precision, runs_on_cpu, world_size
 from llm.data.loading import StageDataModule
 from llm.errors import one_line_errors
 from llm.model.gpt import GPT, GPTConfig
@@ -36,7 +34,7 @@ from llm.optim.groups import OptimizerConfig, build_param_groups
 from llm.stages.checkpoint_io import AtomicCheckpointIO, resumable_checkpoint
 from llm.stages.common import StageModule
 from llm.stages.plan import Horizon, RunPlan, make_plan
-from llm.stages.throughput import ThroughputMonitor
+from llm.stages.throughput import ThroughputMonitor, peak_flops
 from llm.tokenizer import Tokenizer
 
 
@@ -63,9 +61,10 @@ def log_dir(cfg: DictConfig, folder: Path) -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else folder
 
 
-def model_config(cfg: DictConfig, tokenizer: Tokenizer) -> GPTConfig:
+def model_config(cfg: DictConfig, tokenizer: Tokenizer | None) -> GPTConfig:
+    """The model's shape; tokenizer None (a plan made before the tokenizer exists) takes model.vocab_size."""
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab_size != tokenizer.vocab_size:
+    if tokenizer is not None and vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens: "
                          f"leave model.vocab_size=null to take the tokenizer's")
     return instantiate(cfg.model, vocab_size=vocab_size)
@@ -93,7 +92,18 @@ def plan_run(cfg: DictConfig, config: GPTConfig, optimizer: OptimizerConfig, sta
     return make_plan(s.name, stage.batch_unit, int(s.batch.per_step), int(s.batch.per_device), config.sequence_len,
                      world, horizon, int(s.val_every), int(s.val_batches), int(s.save_every), model.num_params(),
                      model.flops_per_token(), learning_rates, datamodule.epoch_length(world),
-                     stage.rows_per_unit(OmegaConf.to_container(s.module, resolve=True)))
+                     stage.rows_per_unit(OmegaConf.to_container(s.module, resolve=True)),
+                     peak_flops=device_peak(cfg), mfu=float(cfg.estimate.mfu))
+
+
+def device_peak(cfg: DictConfig) -> float | None:
+    """estimate.peak_flops, else this machine's: the first GPU's datasheet peak, or the CPU's measured one."""
+    if cfg.estimate.peak_flops:
+        return float(cfg.estimate.peak_flops)
+    precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    if runs_on_cpu(str(cfg.trainer.accelerator)):
+        return peak_flops(torch.device("cpu"), precision)
+    return peak_flops(torch.device("cuda", 0), precision) if torch.cuda.is_available() else None
 
 
 def build_loggers(cfg: DictConfig, folder: Path) -> list[Logger]:
@@ -133,19 +143,15 @@ def show(text: str) -> None:
     print(text, flush=True)
 
 
-def quiet_libraries() -> None:
-    """What a newcomer should not have to read: Lightning's advertisement and a deprecation inside it."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip"))
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
 def run(cfg: DictConfig) -> dict:
     """Train one stage; returns the metrics written to its metrics.json (only the plan with plan_only)."""
     quiet_libraries()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    # a plan can be made before the tokenizer is trained, when the config names the vocabulary size
+    trained = (absolute(cfg.tokenizer_dir) / "tokenizer.model").exists()
+    planning_ahead = cfg.plan_only and cfg.model.vocab_size and not trained
+    tokenizer = None if planning_ahead else load_tokenizer(cfg.tokenizer_dir)
     config = model_config(cfg, tokenizer)
     folder = stage_dir(cfg)
     stage = get_class(cfg.stage.module._target_)

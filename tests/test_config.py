@@ -41,6 +41,7 @@ def check(cfg) -> None:
     assert get_class(cfg.stage.module._target_) and get_class(cfg.data._target_)
 
 
+@pytest.mark.slow
 def test_every_combination_of_groups_composes():
     combos = list(itertools.product(options("stage"), options("trainer"), options("optimizer"), options("data")))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -89,6 +90,7 @@ def test_missing_tokenizer_says_how_to_train_one(tmp_path):
         run(compose_config("train", ["model=d2", f"paths.artifacts={tmp_path}"]))
 
 
+@pytest.mark.slow
 def test_unreachable_hub_dataset_names_the_local_file_alternative(tmp_path, tokenizer_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_config("train", ["model=d2", "data=fineweb_edu", f"tokenizer_dir={tokenizer_dir}",
@@ -103,6 +105,17 @@ def test_cfg_job_prints_the_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.model.depth == 20 and cfg.stage.name == "base" and cfg.optimizer.name == "muon_adamw"
+
+
+def test_sweeps_can_be_submitted_to_slurm():
+    # what recipes/slurm.sbatch documents: Hydra's submitit launcher composes with our configs (it submits
+    # one job per sweep point; nothing here can submit, so the composed launcher is what is checked)
+    out = subprocess.run([sys.executable, "-m", "llm.train", "hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2",
+                          "hydra.launcher.gpus_per_node=8", "hydra.launcher.tasks_per_node=8", "--cfg", "hydra"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    launcher = OmegaConf.create(out.stdout).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and (launcher.nodes, launcher.tasks_per_node) == (2, 8)
 
 
 def test_multirun_sweep_jobs_write_separate_artifacts(tmp_path, tokenizer_dir):

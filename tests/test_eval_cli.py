@@ -37,6 +37,7 @@ def eval_section(artifacts) -> dict:
     return json.loads((artifacts / "sft" / "metrics.json").read_text())["eval"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_exactly_the_one_process_scores(artifacts, tmp_path):
     # batch_size=1 and 3 examples per task: the two ranks get uneven shares (2 and 1)
     common = overrides(artifacts, "tasks=[bpb,chat_loss,core,arc_easy,gsm8k,humaneval]", "max_per_task=3",

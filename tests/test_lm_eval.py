@@ -179,6 +179,7 @@ def test_llm_eval_merges_lm_eval_results_into_metrics_and_the_report(artifacts, 
     assert "lm-evaluation-harness:" in report and f"nanochat_tiny_mc acc {mc['value']:.4f}" in report
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_scores(artifacts, tmp_path):
     tasks = "lm_eval:nanochat_tiny_mc"  # 12 documents, so each rank scores 6 and lm-eval gathers them
     evaluate(compose_config("eval", eval_overrides(artifacts, tasks, "batch_size=2")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from eval_support import REPO, make_artifact
@@ -26,6 +27,7 @@ def test_the_shipped_notebook_has_no_outputs():
     assert "parameters" in nb.cells[1].metadata.get("tags", [])
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_shows_the_accuracy_table(tmp_path, monkeypatch):
     make_artifact(tmp_path, "sft", sequence_len=512)
     # the kernel inherits the environment: the parameters cell reads these

@@ -115,6 +115,7 @@ def test_base_runs_its_plan(tmp_path, tokenizer_dir, monkeypatch, capsys):
     assert metrics["tokens"] == 4 * 512  # packed rows: every token is real
 
 
+@pytest.mark.slow
 def test_chat_and_rl_run_their_plans_on_two_ranks(tmp_path, tokenizer, tokenizer_dir):
     from test_chat_stage import save_stage, tiny as chat_tiny
     from test_rl import save_sft, tiny as rl_tiny

@@ -266,6 +266,7 @@ def test_rl_data_shards_by_rank_and_refuses_tasks_without_reward(tokenizer, toke
                      tokenizer_dir=str(tokenizer_dir), batch_size=3, seq_len=128)
 
 
+@pytest.mark.slow
 def test_ddp_ranks_roll_out_disjoint_prompts(tmp_path, tokenizer, tokenizer_dir):
     save_sft(tmp_path, tokenizer, tokenizer_dir)
     overrides = tiny("rl", tmp_path, tokenizer_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -284,6 +285,7 @@ def test_ddp_ranks_roll_out_disjoint_prompts(tmp_path, tokenizer, tokenizer_dir)
 # ---- learning -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rl_raises_the_reward_on_held_out_arithmetic(tmp_path, tokenizer_dir):
     """A d2 model SFT-trained briefly on arithmetic (right about 1 time in 4 when sampling at temperature 1),
     then 30 RL steps of 8 prompts x 8 samples: the mean reward on 64 held-out prompts clearly rises."""

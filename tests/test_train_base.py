@@ -58,6 +58,7 @@ def test_loss_falls_on_the_bundled_corpus(tmp_path, tokenizer_dir, capsys):
     assert meta["stage"] == "base" and model.config.vocab_size == tokenizer.vocab_size
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_losses(tmp_path, tokenizer_dir):
     steps = 12
     reference = run(compose_config("train", tiny(tmp_path / "ref", tokenizer_dir, f"trainer.max_steps={steps}")))
@@ -89,6 +90,7 @@ def final_loss(model, tokens: torch.Tensor) -> float:
         return model(tokens[:, :-1], targets=tokens[:, 1:]).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, tokenizer_dir, strategy):
     # one process with 2 workers and 4 accumulation steps sees the same global batches

@@ -53,6 +53,8 @@ class RunPlan:
     positions_per_step: int  # tokens one step can hold (exact for base, an upper bound otherwise)
     flops_per_token: float  # training FLOPs per token (GPT.flops_per_token)
     learning_rates: dict[str, float]  # peak learning rate of every optimizer group
+    peak_flops: float | None = None  # one device's peak matmul FLOP/s, for the wall-time estimate
+    mfu: float = 0.4  # the model FLOPs utilisation the estimate assumes
 
     @property
     def positions(self) -> int:
@@ -62,6 +64,11 @@ class RunPlan:
     def flops(self) -> float:
         return self.flops_per_token * self.positions
 
+    @property
+    def estimated_seconds(self) -> float | None:
+        """Wall time of the steps at `mfu` of every device's peak (None without a peak)."""
+        return self.flops / (self.peak_flops * self.world_size * self.mfu) if self.peak_flops else None
+
     def trainer_kwargs(self) -> dict:
         """What the plan decides of the Lightning Trainer (intervals there count micro-batches)."""
         return dict(max_steps=self.total_steps, accumulate_grad_batches=self.accumulation,
@@ -69,7 +76,8 @@ class RunPlan:
                     check_val_every_n_epoch=None)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "positions": self.positions, "flops": self.flops}
+        return {**asdict(self), "positions": self.positions, "flops": self.flops,
+                "estimated_seconds": self.estimated_seconds}
 
     def table(self) -> str:
         """The short table every run prints first."""
@@ -83,12 +91,21 @@ class RunPlan:
             ("tokens", f"{bound}{self.positions_per_step:,}/step, {bound}{self.positions:,} in all "
                        f"(context {self.seq_len})"),
             ("model", f"{self.num_params:,} parameters, {self.flops:.3g} training FLOPs"),
+            ("time", self._time()),
             ("intervals", f"validate every {self.val_every} steps ({self.val_batches} batches/rank), "
                           f"checkpoint every {self.save_every}"),
             ("learning rates", lrs),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+    def _time(self) -> str:
+        if self.estimated_seconds is None:
+            return "no estimate (no peak FLOP/s known for this device)"
+        hours, rest = divmod(self.estimated_seconds, 3600)
+        return (f"~{int(hours)}h{int(rest // 60):02d}m at {self.mfu:.0%} MFU of {self.world_size} x "
+                f"{self.peak_flops / 1e12:.4g} TFLOP/s")
 
 
 def _positive_int(name: str, value) -> int:
@@ -129,7 +146,7 @@ def total_steps(horizon: Horizon, positions_per_step: int, num_params: int,
 def make_plan(stage: str, unit: str, per_step: int, per_device: int, seq_len: int, world_size: int,
               horizon: Horizon, val_every: int, val_batches: int, save_every: int, num_params: int,
               flops_per_token: float, learning_rates: dict[str, float], epoch_length: int | None = None,
-              rows_per_unit: int = 1) -> RunPlan:
+              rows_per_unit: int = 1, peak_flops: float | None = None, mfu: float = 0.4) -> RunPlan:
     """The plan of one run (see the module docstring). rows_per_unit: rows one prompt becomes (RL's samples)."""
     if unit not in UNITS:
         raise ValueError(f"batch unit {unit!r} is not one of {UNITS}")
@@ -140,5 +157,8 @@ def make_plan(stage: str, unit: str, per_step: int, per_device: int, seq_len: in
     accum = accumulation(unit, per_step, per_device, seq_len, world_size)
     positions = per_step if unit == "tokens" else per_step * rows_per_unit * seq_len
     steps, how = total_steps(horizon, positions, num_params, epoch_length, per_step)
+    if not 0 < mfu <= 1:
+        raise ValueError(f"estimate.mfu={mfu}: give the assumed utilisation as a fraction in (0, 1]")
     return RunPlan(stage, unit, per_step, per_device, seq_len, world_size, accum, steps, how, val_every,
-                   val_batches, save_every, num_params, positions, float(flops_per_token), dict(learning_rates))
+                   val_batches, save_every, num_params, positions, float(flops_per_token), dict(learning_rates),
+                   peak_flops, float(mfu))
