@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, IterableDataset
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.model.gpt import GPT, GPTConfig
 from llm.optim.groups import build_optimizer
+from llm.reporting.environment import cpu_name
 from llm.stages.base import PretrainModule
+from llm.stages.host_memory import keep_freed_memory
 from llm.stages.throughput import measure_matmul_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -111,9 +113,11 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the hand-written loop baseline")
     args = parser.parse_args()
 
+    kept = keep_freed_memory()  # as llm.train does on a CPU
     peaks = {p: measure_matmul_flops(torch.bfloat16 if "bf16" in p else torch.float32, seconds=1.0)
              for p in args.precisions.split(",")}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}, "
+          f"freed memory kept={kept}")
     for p, flops in peaks.items():
         print(f"peak matmul {p:>10}: {flops / 1e9:7.1f} GFLOP/s")
     print(f"{'shape':>5} {'precision':>10} {'loop':>9} {'ms/step':>9} {'tokens/s':>9} {'MFU':>6}")

@@ -11,6 +11,7 @@ the plan in its config.yaml and metrics.json.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -33,6 +34,7 @@ from llm.model.gpt import GPT, GPTConfig
 from llm.optim.groups import OptimizerConfig, build_param_groups
 from llm.stages.checkpoint_io import AtomicCheckpointIO, resumable_checkpoint
 from llm.stages.common import StageModule
+from llm.stages.host_memory import keep_freed_memory
 from llm.stages.plan import Horizon, RunPlan, make_plan
 from llm.stages.throughput import ThroughputMonitor, peak_flops
 from llm.tokenizer import Tokenizer
@@ -89,11 +91,21 @@ def plan_run(cfg: DictConfig, config: GPTConfig, optimizer: OptimizerConfig, sta
     horizon = Horizon(max_steps=cfg.trainer.max_steps, epochs=s.get("epochs"),
                       tokens_per_param=s.get("target_param_data_ratio"))
     world = world_size(cfg.trainer)
-    return make_plan(s.name, stage.batch_unit, int(s.batch.per_step), int(s.batch.per_device), config.sequence_len,
+    plan = make_plan(s.name, stage.batch_unit, int(s.batch.per_step), int(s.batch.per_device), config.sequence_len,
                      world, horizon, int(s.val_every), int(s.val_batches), int(s.save_every), model.num_params(),
                      model.flops_per_token(), learning_rates, datamodule.epoch_length(world),
                      stage.rows_per_unit(OmegaConf.to_container(s.module, resolve=True)),
                      peak_flops=device_peak(cfg), mfu=float(cfg.estimate.mfu))
+    return replace(plan, compile=compile_model(cfg, plan.total_steps))
+
+
+def compile_model(cfg: DictConfig, total_steps: int) -> bool:
+    """compile=true | false, or auto: on GPUs, and on a CPU once the run is long enough to repay compiling."""
+    if isinstance(cfg.compile, bool):
+        return cfg.compile
+    if cfg.compile != "auto":
+        raise ValueError(f"compile={cfg.compile!r}: use true, false or auto")
+    return not runs_on_cpu(str(cfg.trainer.accelerator)) or total_steps >= int(cfg.compile_cpu_min_steps)
 
 
 def device_peak(cfg: DictConfig) -> float | None:
@@ -146,6 +158,8 @@ def show(text: str) -> None:
 def run(cfg: DictConfig) -> dict:
     """Train one stage; returns the metrics written to its metrics.json (only the plan with plan_only)."""
     quiet_libraries()
+    if runs_on_cpu(str(cfg.trainer.accelerator)):
+        keep_freed_memory()  # every step's buffers reused, not page-faulted in again (llm/stages/host_memory.py)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     # a plan can be made before the tokenizer is trained, when the config names the vocabulary size
@@ -170,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, plan, [checkpointing, throughput], build_loggers(cfg, folder))
     make_module = instantiate(cfg.stage.module, _partial_=True, _convert_="all")
     module: StageModule = make_module(model_config=config, optimizer=optimizer, tokenizer=tokenizer,
-                                      total_steps=plan.total_steps, compile=bool(cfg.compile),
+                                      total_steps=plan.total_steps, compile=plan.compile,
                                       init_state=initial_state(cfg, config, tokenizer))
     module.connect(datamodule)
 

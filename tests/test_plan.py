@@ -68,6 +68,16 @@ def base_overrides(artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[st
             "stage.val_batches=1", "stage.module.sample_every=0", "trainer.enable_progress_bar=false", *extra]
 
 
+@pytest.mark.parametrize("steps, compiled", [(499, False), (500, True)])
+def test_auto_compiles_cpu_runs_long_enough_to_repay_it(tmp_path, tokenizer_dir, steps, compiled):
+    cfg = compose_config("train", base_overrides(tmp_path, tokenizer_dir, f"trainer.max_steps={steps}", "plan_only=true"))
+    assert cfg.compile == "auto" and cfg.compile_cpu_min_steps == 500
+    assert run(cfg)["plan"]["compile"] is compiled
+    forced = compose_config("train", base_overrides(tmp_path, tokenizer_dir, "trainer.max_steps=10", "compile=true",
+                                                    "plan_only=true"))
+    assert run(forced)["plan"]["compile"] is True
+
+
 def test_plan_only_prints_the_plan_and_trains_nothing(tmp_path, tokenizer_dir):
     out = subprocess.run([sys.executable, "-m", "llm.train", *base_overrides(tmp_path, tokenizer_dir), "plan_only=true",
                           f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -55,6 +55,7 @@ class RunPlan:
     learning_rates: dict[str, float]  # peak learning rate of every optimizer group
     peak_flops: float | None = None  # one device's peak matmul FLOP/s, for the wall-time estimate
     mfu: float = 0.4  # the model FLOPs utilisation the estimate assumes
+    compile: bool = False  # torch.compile the model (decided by llm.train from the compile setting)
 
     @property
     def positions(self) -> int:
@@ -94,6 +95,7 @@ class RunPlan:
             ("time", self._time()),
             ("intervals", f"validate every {self.val_every} steps ({self.val_batches} batches/rank), "
                           f"checkpoint every {self.save_every}"),
+            ("compile", "yes" if self.compile else "no (eager)"),
             ("learning rates", lrs),
         ]
         width = max(len(k) for k, _ in rows)
