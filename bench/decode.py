@@ -25,6 +25,7 @@ from llm.data.sources import TextSource, iter_texts
 from llm.generate.engine import Generator
 from llm.generate.prepare import PRECISIONS, for_inference
 from llm.model.gpt import GPT, GPTConfig
+from llm.reporting.environment import cpu_name
 from llm.tokenizer import Tokenizer
 
 
@@ -44,9 +45,9 @@ def random_model(depth: int, vocab_size: int, sequence_len: int, max_chars: int)
     return model, tokenizer
 
 
-def build(depth: int, precision: str = "fp32") -> tuple[GPT, Tokenizer]:
+def build(depth: int, precision: str = "fp32", device: str = "cpu") -> tuple[GPT, Tokenizer]:
     model, tokenizer = random_model(depth, vocab_size=32768, sequence_len=1024, max_chars=4_000_000)
-    return for_inference(model, precision), tokenizer
+    return for_inference(model.to(device), precision), tokenizer
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -69,7 +70,7 @@ def with_cache(gen: Generator, batch: int, prompt: int, new: int) -> tuple[float
 @torch.inference_mode()
 def without_cache(model: GPT, batch: int, prompt: int, new: int) -> float:
     """Seconds per token step when every step re-runs the whole sequence (greedy, fixed length)."""
-    idx = torch.tensor(prompts(batch, prompt, model.config.vocab_size))
+    idx = torch.tensor(prompts(batch, prompt, model.config.vocab_size), device=model.lm_head.weight.device)
     t0 = CLOCK()
     for _ in range(new):
         nxt = model(idx)[:, -1].argmax(-1, keepdim=True)
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
                         help="weights' precision (llm.generate.engine.for_inference); each is benchmarked")
     parser.add_argument("--no-cache-new", type=int, default=16, help="tokens timed for the (slow) no-cache loop")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="rows decoding together")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this process's CPU time, a steadier estimate on a busy machine (with --threads 1)")
     args = parser.parse_args()
@@ -98,17 +101,18 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"d{args.depth}, vocab 32768, prompt {args.prompt}, {args.new} new tokens, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock, best of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"d{args.depth}, vocab 32768, prompt {args.prompt}, {args.new} new tokens, {where}, "
+          f"{args.clock} clock, best of {args.repeats}")
     for precision in args.precision:
-        model, tokenizer = build(args.depth, precision)
+        model, tokenizer = build(args.depth, precision, args.device)
         print(f"precision {precision} -> {model.precision}")
         bench(Generator(model, tokenizer), model, args)
 
 
 def bench(gen: Generator, model: GPT, args) -> None:
     with_cache(gen, 1, 16, 4)  # warm-up (allocator, kernels)
-    for batch in (1, 8):
+    for batch in args.batches:
         prefill, step = best(lambda: with_cache(gen, batch, args.prompt, args.new), args.repeats)
         print(f"  batch {batch} cache    : {step * 1e3:7.2f} ms/step  {batch / step:8.1f} tokens/s"
               f"  (prefill {prefill * 1e3:.0f} ms)")

@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="measured requests per client")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the server decodes: cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the inference worker (default: the server's, cores - 1)")
     args = parser.parse_args()
@@ -99,7 +100,8 @@ def main() -> None:
             model, tokenizer = build(args.depth)
             source = save_artifact(Path(tmp) / "bench", model.state_dict(), model.config, tokenizer, "sft", {})
         port = free_port()
-        overrides = [f"max_batch_size={args.max_batch_size}"] + ([f"threads={args.threads}"] if args.threads else [])
+        overrides = [f"max_batch_size={args.max_batch_size}", f"device={args.device}"]
+        overrides += [f"threads={args.threads}"] if args.threads else []
         server = start_server(Path(source), port, *overrides, log=Path(tmp) / "log", threads=None)
         try:
             print(f"{source}: {args.max_tokens} tokens per request, max_batch_size={args.max_batch_size}, "
