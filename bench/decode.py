@@ -101,7 +101,8 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    threads = f"{torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {threads}"
     print(f"d{args.depth}, vocab 32768, prompt {args.prompt}, {args.new} new tokens, {where}, "
           f"{args.clock} clock, best of {args.repeats}")
     for precision in args.precision:

@@ -131,7 +131,8 @@ def main() -> None:
                 ms = measure(config, B, T, precision, args.steps, args.warmup, args.compile)
                 tokens_per_s = B * T / (ms / 1000)
                 mfu = tokens_per_s * flops_per_token / peaks[precision]
-                print(f"{shape:>5} {precision:>10} {name:>9} {ms:9.1f} {tokens_per_s:9.0f} {100 * mfu:5.1f}%", flush=True)
+                print(f"{shape:>5} {precision:>10} {name:>9} {ms:9.1f} {tokens_per_s:9.0f} {100 * mfu:5.1f}%",
+                      flush=True)
 
 
 if __name__ == "__main__":

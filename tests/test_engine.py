@@ -20,7 +20,7 @@ from llm.generate.sampling import GREEDY_BELOW, Sampling
 from llm.generate.text_stream import TextStream
 from llm.generate.prepare import for_inference
 from llm.model.gpt import GPT, GPTConfig
-from tiny_chat import REPO, make_artifact
+from tiny_chat import REPO, PoisonedRow, make_artifact
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -291,23 +291,6 @@ def test_a_tool_result_that_is_not_valid_utf8_is_forced_in_as_encodable_text(gen
 def test_a_tool_that_raises_or_answers_no_text_answers_an_error_and_the_row_goes_on(gen, tool, shown):
     output, after = tool_output(gen, scripted(gen, "so ", "2+2", " done", tool=tool))
     assert output == shown and after == " done<|assistant_end|>"
-
-
-class PoisonedRow:
-    """gen.model, except that batch row `row` gets nan logits at every decode step of a `width`-row batch
-    (once finished rows are dropped, that index is another row's)."""
-
-    def __init__(self, model, row, width):
-        self.model, self.row, self.width = model, row, width
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, ids, kv_cache=None):
-        logits = self.model(ids, kv_cache=kv_cache)
-        if ids.shape == (self.width, 1):
-            logits[self.row] = float("nan")
-        return logits
 
 
 def test_a_row_that_fails_fails_alone_and_the_others_decode_as_if_alone(gen, prompts):

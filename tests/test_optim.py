@@ -202,7 +202,8 @@ def test_lr_scale_multiplies_every_group():
     full = _groups(build_optimizer(model, optimizer_config()))
     scaled = _groups(build_optimizer(model, optimizer_config(lr_scale=0.02)))
     for name, group in full.items():
-        assert scaled[name]["lr"] == pytest.approx(0.02 * group["lr"]) and scaled[name]["initial_lr"] == scaled[name]["lr"]
+        assert scaled[name]["lr"] == pytest.approx(0.02 * group["lr"])
+        assert scaled[name]["initial_lr"] == scaled[name]["lr"]
     with pytest.raises(ValueError, match="lr_scale"):
         optimizer_config(lr_scale=0.0)
 
@@ -280,7 +281,8 @@ def test_lr_multiplier_boundaries():
     assert [f(0), f(1), f(2), f(7)] == [0.5, 1.0, 1.0, 1.0]
     assert f(8) == pytest.approx(0.1 + 0.9 * 2 / 3)
     assert f(10) == pytest.approx(0.1) and f(12) == pytest.approx(0.1)
-    g = lambda s, **kw: lr_multiplier(s, 10, **{"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, **kw})  # noqa: E731
+    defaults = {"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0}
+    g = lambda s, **kw: lr_multiplier(s, 10, **{**defaults, **kw})  # noqa: E731
     assert g(0) == 1.0 and g(10) == 0.0
     assert g(50, warmdown_ratio=0.0) == 1.0
 

@@ -70,7 +70,8 @@ def base_overrides(artifacts: Path, tokenizer_dir: Path, *extra: str) -> list[st
 
 @pytest.mark.parametrize("steps, compiled", [(499, False), (500, True)])
 def test_auto_compiles_cpu_runs_long_enough_to_repay_it(tmp_path, tokenizer_dir, steps, compiled):
-    cfg = compose_config("train", base_overrides(tmp_path, tokenizer_dir, f"trainer.max_steps={steps}", "plan_only=true"))
+    cfg = compose_config("train", base_overrides(tmp_path, tokenizer_dir, f"trainer.max_steps={steps}",
+                                                 "plan_only=true"))
     assert cfg.compile == "auto" and cfg.compile_cpu_min_steps == 500
     assert run(cfg)["plan"]["compile"] is compiled
     forced = compose_config("train", base_overrides(tmp_path, tokenizer_dir, "trainer.max_steps=10", "compile=true",

@@ -298,7 +298,8 @@ def test_rl_raises_the_reward_on_held_out_arithmetic(tmp_path, tokenizer_dir):
         "data.val_tasks=[{name:arithmetic,split:test,difficulty:1,size:16}]", "stage.batch.per_device=16",
         "data.num_workers=0", "stage.batch.per_step=16", "stage.val_every=1000", "stage.val_batches=1"]))
     metrics = run(compose_config("train", [
-        "stage=rl", *common, "data=rl_arith", "trainer.max_steps=30", "stage.batch.per_step=8", "stage.batch.per_device=8",
+        "stage=rl", *common, "data=rl_arith", "trainer.max_steps=30", "stage.batch.per_step=8",
+        "stage.batch.per_device=8",
         "stage.module.sampling.num_samples=8", "stage.module.sampling.max_tokens=48", "stage.module.eval_samples=4",
         "optimizer.lr_scale=0.3", "optimizer.embedding_lr=0.02", "stage.val_every=1000"]))
     before, after = metrics["reward_before"], metrics["reward_after"]

@@ -20,7 +20,7 @@ from llm.generate.engine import Generator
 from llm.generate.sampling import Sampling
 from llm.serving.batching import ContinuousBatching
 from serve_http import call, healthy, openai_error, stream_lines
-from tiny_chat import free_port, make_artifact, start_server, stop_server
+from tiny_chat import PoisonedRow, free_port, make_artifact, start_server, stop_server
 
 KEY = "hostile-key"
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -244,22 +244,6 @@ class FakeTransport:
         return sum(status in ("FINISH_STREAMING", "ERROR") for replies in self.sent.values() for _, status in replies)
 
 
-class NanForRow:
-    """The model, but batch row `row` of a `width`-row decode step gets nan logits."""
-
-    def __init__(self, model, row, width):
-        self.model, self.row, self.width = model, row, width
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, ids, kv_cache=None):
-        logits = self.model(ids, kv_cache=kv_cache)
-        if ids.shape == (self.width, 1):
-            logits[self.row] = float("nan")
-        return logits
-
-
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_request_that_fails_in_the_worker_fails_alone(tmp_path):
     """The server's loop, driven with LitServe's queue and transport replaced: of three requests in one
@@ -272,7 +256,7 @@ def test_a_request_that_fails_in_the_worker_fails_alone(tmp_path):
     transport = FakeTransport()
     loop = ContinuousBatching()
     loop._requests, loop._transport = FakeQueue(jobs, lambda: transport.ended() == 3), transport
-    api = SimpleNamespace(generator=Generator(NanForRow(model, 1, width=3), tokenizer), batch_timeout=0.01,
+    api = SimpleNamespace(generator=Generator(PoisonedRow(model, 1, width=3), tokenizer), batch_timeout=0.01,
                           request_timeout=60, max_batch_size=8)
     loop.run(api)
     error, status = transport.sent["uid1"][-1]

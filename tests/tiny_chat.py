@@ -90,3 +90,20 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+class PoisonedRow:
+    """gen.model, except that batch row `row` gets nan logits at every decode step of a `width`-row batch
+    (once finished rows are dropped, that index is another row's)."""
+
+    def __init__(self, model, row, width):
+        self.model, self.row, self.width = model, row, width
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, ids, kv_cache=None):
+        logits = self.model(ids, kv_cache=kv_cache)
+        if ids.shape == (self.width, 1):
+            logits[self.row] = float("nan")
+        return logits

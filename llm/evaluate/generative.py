@@ -4,13 +4,13 @@ The model answers each prompt (the conversation up to <|assistant_start|>) throu
 its calculator tool; nanochat's settings by default: one greedy sample of up to 512 tokens, pass@1.
 With num_samples > 1 a problem counts as solved when any sample is right (pass@k).
 
-A completion is read as display text: it ends at <|assistant_end|> (or <|bos|>), and a tool call
-shows in GSM8K's own notation, `<<expr=result>>`, so "... <<48/2=24>>24 ... #### 72" is checked the
-way GSM8K's references are. HumanEval completions are programs: they run in the execution sandbox
-(llm.evaluate.sandbox; the task says so, HumanEval.check_samples), several at a time in threads, with the
-problem's tests run by the sandbox's harness; a failure of any kind (wrong answer, crash, early exit, timeout, memory, forbidden syscall)
-is just a failed problem. A machine that cannot give the sandbox its namespaces refuses before any
-sampling, unless sandbox.allow_weaker=true.
+A completion is read as display text: it ends at <|assistant_end|> (or <|bos|>), and a tool call shows
+in GSM8K's own notation, `<<expr=result>>`, so "... <<48/2=24>>24 ... #### 72" is checked the way
+GSM8K's references are. HumanEval completions are programs: they run in the execution sandbox
+(llm.evaluate.sandbox; the task says so, HumanEval.check_samples), several at a time in threads, with
+the problem's tests run by the sandbox's harness; a failure of any kind (wrong answer, crash, early
+exit, timeout, memory, forbidden syscall) is just a failed problem. A machine that cannot give the
+sandbox its namespaces refuses before any sampling, unless sandbox.allow_weaker=true.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class BatchGenerator(Protocol):
     """What the evaluator needs of llm.generate.engine.Generator (see generate_answers)."""
     context: int
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[tuple[list[int], list[bool]]]: ...
+    def generate_batch(self, prompts: Sequence[Sequence[int]],
+                       sampling: Sampling) -> list[tuple[list[int], list[bool]]]: ...
 
 
 def sample_completions(generator: BatchGenerator, tokenizer: Tokenizer, prompts: Sequence[list[int]],

@@ -189,7 +189,8 @@ def run_suite(model: nn.Module, tokenizer: Tokenizer, settings: SuiteSettings, s
                                 h.max_tokens)
             results.bpb = evaluate_bpb(model, tokenizer, rows, settings.batch_size, shard, progress)
         elif name == "chat_loss":
-            conversations = build_mixture(list(settings.chat_loss.val_tasks), split="test", seed=settings.chat_loss.seed)
+            held_out = settings.chat_loss
+            conversations = build_mixture(list(held_out.val_tasks), split="test", seed=held_out.seed)
             results.chat_loss = evaluate_chat_loss(model, tokenizer, conversations, settings.batch_size, shard,
                                                    progress)
         elif name == "core":

@@ -26,8 +26,9 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 (or anything below GREEDY_BELOW) is greedy; top_k / top_p None means no cut; num_samples answers per prompt; with a
-    seed, answer r of a call samples from its own generator seeded with seed + r (reproducible)."""
+    """temperature 0 (or anything below GREEDY_BELOW) is greedy; top_k / top_p None means no cut;
+    num_samples answers per prompt; with a seed, answer r of a call samples from its own generator seeded
+    with seed + r (reproducible)."""
     max_tokens: int
     temperature: float = 1.0
     top_k: int | None = None

@@ -22,9 +22,9 @@ GSM8K, for the report card.
 Everything else is StageModule's (llm/stages/common.py): optimizer (the RL learning rates come from
 optimizer.lr_scale, set in conf/stage/rl.yaml), schedule, checkpoints, resume and the artifact.
 Tokens trained (train/tokens_per_sec, MFU) are the real tokens of the policy rows that go through
-forward and backward: prompt and answer, without padding. Under DDP each rank rolls out its own prompts on the unwrapped model (no
-collective happens while generating), DDP averages the gradients, and rewards are gathered from every
-rank for logging. FSDP is refused: generating on sharded weights needs every rank in lockstep.
+forward and backward: prompt and answer, without padding. Under DDP each rank rolls out its own
+prompts on the unwrapped model (no collective happens while generating), DDP averages the gradients,
+and rewards are gathered from every rank for logging. FSDP is refused: generating on sharded weights needs every rank in lockstep.
 """
 
 from __future__ import annotations
