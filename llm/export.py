@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.artifact import resolve_artifact
 from llm.config import absolute
+from llm.errors import one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
@@ -22,8 +23,9 @@ def main(cfg: DictConfig) -> None:
     from llm.huggingface.folder import export_folder  # needs the hf extra (tokenizers)
 
     started = time.time()
-    folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
-    out = export_folder(folder, absolute(cfg.out), overwrite=bool(cfg.overwrite))
+    with one_line_errors():  # a damaged artifact: one line naming the file and the fix
+        folder = resolve_artifact(cfg.source, absolute(cfg.paths.artifacts))
+        out = export_folder(folder, absolute(cfg.out), overwrite=bool(cfg.overwrite))
     print(f"exported {folder} -> {out} in {time.time() - started:.1f}s\n"
           f"  transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
           f"  vLLM:         vllm serve {out}\n"

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.config import absolute
+from llm.errors import one_line_errors
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"  # model=dNN files (config_path below)
 
@@ -25,8 +26,9 @@ def main(cfg: DictConfig) -> None:
     from llm.model.gpt import GPTConfig
     from llm.artifact import read_meta
 
-    dest, notes = import_folder(absolute(cfg.path), absolute(cfg.paths.artifacts) / str(cfg.name), str(cfg.stage),
-                                overwrite=bool(cfg.overwrite))
+    with one_line_errors():
+        dest, notes = import_folder(absolute(cfg.path), absolute(cfg.paths.artifacts) / str(cfg.name),
+                                    str(cfg.stage), overwrite=bool(cfg.overwrite))
     for note in notes:
         print(f"note: {note}")
     depths = [int(p.stem[1:]) for p in MODEL_CONFIGS.glob("d*.yaml") if p.stem[1:].isdigit()]

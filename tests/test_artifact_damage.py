@@ -116,6 +116,12 @@ def serve(artifacts: Path, tokenizer_dir: Path):
     build_server(compose_config("serve", [f"paths.artifacts={artifacts}", "source=sft", "device=cpu"]))
 
 
+def export_it(artifacts: Path, tokenizer_dir: Path):
+    from llm.huggingface.folder import export_folder
+
+    export_folder(artifacts / "sft", artifacts.parent / "exported", overwrite=True)
+
+
 def init_from(artifacts: Path, tokenizer_dir: Path):
     cfg = compose_config("train", ["stage=rl", *TINY, f"paths.artifacts={artifacts}", f"tokenizer_dir={tokenizer_dir}"])
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -130,7 +136,7 @@ def report(artifacts: Path, tokenizer_dir: Path):
     raise BadFileError(line)
 
 
-@pytest.mark.parametrize("command", [chat, evaluate_it, serve, init_from, report], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("command", [chat, evaluate_it, serve, export_it, init_from, report], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name,damage,file,what", DAMAGES, ids=[d[0] for d in DAMAGES])
 def test_each_command_names_the_damaged_file_and_the_fix(command, name, damage, file, what, intact, tmp_path,
                                                          tokenizer_dir, other_tokenizer):

@@ -26,7 +26,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from safetensors.torch import save_file
 
-from llm.artifact import load_artifact, read_meta, save_artifact
+from llm.artifact import load_artifact, read_meta, read_metrics, save_artifact
 from llm.huggingface import config as hf_config
 from llm.huggingface import tokenizer_json, weights
 from llm.huggingface.chat_template import CHAT_TEMPLATE
@@ -62,12 +62,11 @@ def _write_json(path: Path, data: dict) -> None:
 def export_folder(artifact: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the transformers NanoChat folder of an artifact folder; unsupported shapes fail before any file."""
     hf_config.check_exportable(GPTConfig(**read_meta(artifact)["model"]))
+    model, tokenizer, meta = load_artifact(artifact)  # checks every file first (llm.artifact.check_artifact)
     model_bytes = (artifact / MODEL_FILENAME).read_bytes()
     hf_tokenizer = tokenizer_json.build(model_bytes)  # refuses a tokenizer it cannot write exactly
-    model, tokenizer, meta = load_artifact(artifact)
     config, ids = model.config, tokenizer_json.special_token_ids(model_bytes)
-    metrics_file = artifact / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics = read_metrics(artifact)
     with atomic_folder(out, overwrite) as tmp:
         save_file(weights.to_hf_state(model.state_dict(), config), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
