@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -65,6 +66,16 @@ def test_the_depth_dial_and_the_hardware_profile():
     assert gpt2.positions == "learned" and gpt2.tie_embeddings and gpt2.mlp == "gelu"
 
 
+@pytest.mark.parametrize("model", ["d4", "gpt2"])
+def test_every_model_field_can_be_overridden_without_a_plus(model):
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    assert fields <= set(compose_config("train", [f"model={model}"]).model)  # listed, so no `+` is needed
+    cfg = compose_config("train", [f"model={model}", "model.n_kv_head=1", "model.rope_theta=5000",
+                                   "model.logit_softcap=30", "model.sequence_len=128"])
+    config = instantiate(cfg.model, vocab_size=1024)
+    assert (config.n_kv_head, config.rope_theta, config.logit_softcap, config.sequence_len) == (1, 5000, 30, 128)
+
+
 def test_unknown_model_names_the_choices():
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("train", ["model=d3"])
@@ -72,7 +83,7 @@ def test_unknown_model_names_the_choices():
 
 
 def test_heads_not_dividing_the_width_are_refused(tmp_path, tokenizer_dir):
-    cfg = compose_config("train", ["model=d2", "+model.n_head=3", f"tokenizer_dir={tokenizer_dir}",
+    cfg = compose_config("train", ["model=d2", "model.n_head=3", f"tokenizer_dir={tokenizer_dir}",
                                    f"paths.artifacts={tmp_path}"])
     with pytest.raises(Exception, match=r"n_embd=128.*n_head=3"):
         run(cfg)
