@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import compose_config
@@ -148,3 +149,18 @@ def test_chat_and_rl_run_their_plans_on_two_ranks(tmp_path, tokenizer, tokenizer
         metrics = json.loads((folder / "metrics.json").read_text())
         assert_ran_as_planned(metrics, folder, steps=2, accumulation=2, world=2, val_steps={1, 2}, val_tag=val_tag)
         assert 0 < metrics["tokens"] <= 2 * metrics["plan"]["positions_per_step"]  # real tokens, never padding
+
+
+def test_planning_leaves_the_seeded_random_state_alone(tmp_path, tokenizer_dir):
+    # the plan measures this CPU's matmul peak before the model is initialised from the seeded global RNG:
+    # drawing from that RNG there would give every run other initial weights than its seed promises
+    from llm.stages.throughput import measure_matmul_flops
+
+    state = torch.get_rng_state()
+    measure_matmul_flops(seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), state)
+    cfg = compose_config("train", base_overrides(tmp_path, tokenizer_dir, "trainer.max_steps=3", "plan_only=true"))
+    run(cfg)  # seeds, plans
+    after_plan = torch.rand(4)
+    torch.manual_seed(cfg.seed)
+    assert torch.equal(after_plan, torch.rand(4))

@@ -18,9 +18,11 @@ from lightning.fabric.utilities.throughput import get_available_flops
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
-    """Best observed FLOP/s of a square matmul on the CPU (what `bench/` reports as the peak)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    """Best observed FLOP/s of a square matmul on the CPU (what `bench/` reports as the peak). Its own random
+    generator: measuring (the run plan does it before the model exists) must not move the seeded global one."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dtype)
+    b = torch.randn(size, size, generator=g).to(dtype)
     for _ in range(3):
         a @ b  # warm up the kernels and thread pool
     best, deadline = 0.0, time.perf_counter() + seconds
