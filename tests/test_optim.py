@@ -118,7 +118,37 @@ def test_newton_schulz_is_nearly_orthogonal(shape):
 
 def test_newton_schulz_rejects_non_matrix():
     with pytest.raises(ValueError, match="2-D"):
-        zeropower_via_newtonschulz5(torch.randn(3, 4, 5))
+        zeropower_via_newtonschulz5(torch.randn(5))
+
+
+def test_newton_schulz_of_a_stack_is_each_matrix_alone():
+    torch.manual_seed(0)
+    G = torch.randn(3, 40, 24, dtype=torch.float64)  # tall: iterated on the transpose
+    stacked = zeropower_via_newtonschulz5(G)
+    torch.testing.assert_close(stacked, torch.stack([zeropower_via_newtonschulz5(g) for g in G]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_muon_batches_same_shaped_matrices_without_changing_any_update():
+    """The optimizer stacks updates by shape (tall ones turned wide); each param must move exactly
+    as it would in an optimizer of its own."""
+    torch.manual_seed(0)
+    shapes = [(16, 16), (32, 16), (16, 32), (16, 16), (8, 24)]
+    together = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    start = [p.detach().clone() for p in together]
+    opt = MuonAdamW([dict(kind="muon", params=together, lr=0.05)])
+    singles = [MuonAdamW([dict(kind="muon", params=[p], lr=0.05)]) for p in alone]
+    for _ in range(3):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for p, q, g in zip(together, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for p, q, p0 in zip(together, alone, start):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        assert (p - p0).abs().max() > 1e-3  # and every one of them moved
 
 
 def test_muon_reduces_loss_on_least_squares():

@@ -46,21 +46,23 @@ _DEFAULTS = {
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
-    """Approximately orthogonalise a 2-D matrix: U S V^T -> U S' V^T with S' in ~[0.7, 1.2]."""
-    if G.ndim != 2:
-        raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(G.shape)}")
+    """Approximately orthogonalise a matrix (or each of a stack, (..., rows, cols)):
+    U S V^T -> U S' V^T with S' in ~[0.7, 1.2]."""
+    if G.ndim < 2:
+        raise ValueError(f"Newton-Schulz needs a 2-D matrix (or a stack of them), got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
     X = G if G.dtype == torch.float64 else G.bfloat16()
     # Iterate on the wide orientation so X @ X.T is the smaller Gram matrix.
-    transposed = G.size(0) > G.size(1)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
     # Scale so the spectral norm is <= 1 (Frobenius norm bounds it), where the iteration converges.
-    X = X / (X.norm() + 1e-7)
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        # B = b*A + c*A@A and X = a*X + B@X, each as one fused multiply-add matmul
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else torch.addmm(X, B, X, beta=a)
     if transposed:
         X = X.mT
     return X.to(G.dtype)
@@ -70,14 +72,27 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _orthogonalise(g: Tensor, steps: int) -> Tensor:
-    """Newton-Schulz on the full matrix; for a sharded DTensor, return this rank's shard of it."""
-    if not isinstance(g, DTensor):
-        return zeropower_via_newtonschulz5(g, steps)
-    full = zeropower_via_newtonschulz5(g.full_tensor(), steps)
-    # Every rank computed the same `full`, so each can cut out its own shard locally
-    # (src_data_rank=None: no scatter/broadcast, just slicing by the placements).
-    return distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None)
+def _orthogonalise(updates: list[Tensor], steps: int) -> list[Tensor]:
+    """Newton-Schulz of each update; same-shaped ones (tall ones turned wide) go as one stack,
+    since a step has many small matrices of a few shapes and one batched matmul beats many small
+    ones (d4 on CPU: 21 ms instead of 55). A sharded DTensor gets this rank's shard of its result."""
+    full = [g.full_tensor() if isinstance(g, DTensor) else g for g in updates]
+    tall = [f.size(0) > f.size(1) for f in full]
+    stacks: dict[tuple, list[int]] = {}
+    for i, (f, t) in enumerate(zip(full, tall)):
+        wide = f.mT if t else f
+        stacks.setdefault((tuple(wide.shape), f.dtype, f.device), []).append(i)
+    result: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
+    for indices in stacks.values():
+        stack = zeropower_via_newtonschulz5(torch.stack([full[i].mT if tall[i] else full[i] for i in indices]), steps)
+        for i, X in zip(indices, stack):
+            X = X.mT if tall[i] else X
+            g = updates[i]
+            # Every rank computed the same full matrix, so each cuts out its own shard locally
+            # (src_data_rank=None: no scatter/broadcast, just slicing by the placements).
+            result[i] = distribute_tensor(X, g.device_mesh, g.placements, src_data_rank=None) \
+                if isinstance(g, DTensor) else X
+    return result
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -134,9 +149,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_group_step(self, group: dict) -> None:
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        updates = []
+        for p in params:
             grad = p.grad
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -144,8 +159,8 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(grad, 1 - momentum)
             # Nesterov: step along grad blended toward the updated momentum.
-            g = grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = _orthogonalise(g, group["ns_steps"])
+            updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        for p, update in zip(params, _orthogonalise(updates, group["ns_steps"])):
             if wd != 0:
                 p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
             # p.shape is the global shape even for a sharded DTensor.
