@@ -87,6 +87,7 @@ def plain_ms_per_step(config, B, T, precision, steps, warmup, compile) -> float:
     torch.manual_seed(0)
     module = base_module(config, steps + warmup)
     model = torch.compile(module.model) if compile else module.model
+    module.model.cpu_loss_kernel = compile  # as StageModule.configure_model does
     optimizer = build_optimizer(module.model, module.optimizer_config)
     rows = iter(RandomRows(B, T))
     times = []

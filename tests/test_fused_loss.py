@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import fused_loss
+from llm.model import cpu_loss_kernel, fused_loss
 from llm.model.fused_loss import linear_cross_entropy
 
 
@@ -115,3 +115,60 @@ def test_token_weights_scale_each_loss(reduction):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw, weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the C++ kernel of compiled runs
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cpu_kernel_matches_the_logits_path(reduction):
+    assert cpu_loss_kernel.load() is not None, "the C++ loss kernel did not build (see the warning above)"
+    torch.manual_seed(5)
+    h = (torch.randn(3, 23, 16) * 4).requires_grad_()  # logits far into the cap's flat part too
+    weight = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (3, 23))
+    targets[0, :5] = -1
+    got = linear_cross_entropy(h, weight, targets, 15.0, reduction, cpu_kernel=True)
+    (got * 1.7).backward()
+    gh, gw = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    want = reference(h, weight, targets, 15.0, reduction)
+    (want * 1.7).backward()
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(got, want, rtol=tol["value"], atol=tol["value"])
+    torch.testing.assert_close(gh, h.grad, rtol=tol["grad"], atol=tol["grad_abs"])
+    torch.testing.assert_close(gw, weight.grad, rtol=tol["grad"], atol=tol["grad_abs"])
+    assert gh[0, :5].abs().max() == 0
+
+
+def test_cpu_kernel_in_bfloat16_rounds_like_the_torch_ops():
+    # the kernel writes the bfloat16 gradient itself: within one bfloat16 rounding of the torch ops'
+    torch.manual_seed(6)
+    logits = (torch.randn(40, 777) * 20).bfloat16()
+    targets = torch.randint(0, 777, (40,))
+    by_torch, by_kernel = logits.clone(), logits.clone()
+    want = fused_loss._block_losses_(by_torch, targets, 15.0)
+    got = fused_loss._block_losses_(by_kernel, targets, 15.0, cpu_kernel=True)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_kernel.float(), by_torch.float(), rtol=2 ** -7, atol=1e-6)
+    assert not torch.equal(by_kernel, logits)  # overwritten with the gradient
+    logits[3, 10] = float("nan")  # a diverged run stays visible: its loss is NaN, as with the torch ops
+    assert fused_loss._block_losses_(logits, targets, 15.0, cpu_kernel=True)[3].isnan()
+
+
+def test_without_the_cpu_kernel_the_torch_ops_run_and_say_why(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: g++: not found\nmore lines")
+    cpu_loss_kernel.load.cache_clear()
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    torch.manual_seed(7)
+    h, weight = torch.randn(2, 9, 8), torch.randn(30, 8)
+    targets = torch.randint(0, 30, (2, 9))
+    try:
+        with caplog.at_level("WARNING"):
+            got = linear_cross_entropy(h, weight, targets, 15.0, "none", cpu_kernel=True)
+    finally:
+        cpu_loss_kernel.load.cache_clear()  # the next test builds (or finds) the real one again
+    torch.testing.assert_close(got, reference(h, weight, targets, 15.0, "none"))
+    assert "g++: not found" in caplog.text and "pip install ninja" in caplog.text

@@ -8,14 +8,19 @@ gradient of the loss w.r.t. the logits, and two matmuls turn that into the block
 gradients w.r.t. the hidden states and the weight, already in forward. Backward only scales them
 by the upstream gradient. One block buffer is reused, so the full logits never exist (at d6,
 B*T=16384, they would be 2 GB, and page-faulting a fresh 2 GB every step costs most of a second).
+Compiled runs on a CPU hand each block's elementwise work to one C++ kernel instead of the torch
+ops below (cpu_loss_kernel.py: same math, two loops per row, ~4x faster).
 """
 
 from __future__ import annotations
 
 import torch
 
+from llm.model import cpu_loss_kernel
+
 BLOCK_ROWS = 2048  # rows per logits matmul: big enough for full-speed matmuls, 256 MB in float32
 CPU_CHUNK_ROWS = 32  # rows per elementwise pass on CPU: 32 x 32768 float32 = 4 MB, stays in cache
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,8 +68,14 @@ def _chunk_rows(x: torch.Tensor) -> int:
     return CPU_CHUNK_ROWS if x.device.type == "cpu" else x.size(0)
 
 
-def _block_losses_(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Per-row losses of a block of logits, which is overwritten with d loss_row / d logits."""
+def _block_losses_(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                   cpu_kernel: bool = False) -> torch.Tensor:
+    """Per-row losses of a block of logits, which is overwritten with d loss_row / d logits.
+    cpu_kernel: on CPU, with a cap, in float32 or bfloat16, use the C++ kernel where it builds."""
+    if cpu_kernel and logits.device.type == "cpu" and softcap is not None and logits.dtype in _KERNEL_DTYPES:
+        losses = cpu_loss_kernel.capped_cross_entropy_(logits, targets, softcap)
+        if losses is not None:
+            return losses.to(accumulation_dtype(logits.dtype))
     step = _chunk_rows(logits)
     ws = _Workspace(min(step, logits.size(0)), logits.size(1), accumulation_dtype(logits.dtype), logits.device)
     return torch.cat([_loss_and_dlogits_(logits[s:s + step], targets[s:s + step], softcap, ws)
@@ -73,7 +84,7 @@ def _block_losses_(logits: torch.Tensor, targets: torch.Tensor, softcap: float |
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, token_weights, softcap, compute_dtype):
+    def forward(ctx, h, weight, targets, token_weights, softcap, compute_dtype, cpu_kernel):
         # h (N, C), weight (V, C), targets (N,), token_weights (N,): the loss is sum_i w_i * loss_i
         with torch.autocast(device_type=h.device.type, enabled=False):
             w, hc = weight.to(compute_dtype), h.to(compute_dtype)
@@ -88,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.size(0), BLOCK_ROWS):
                 rows = slice(s, s + BLOCK_ROWS)
                 logits = torch.mm(hc[rows], w.T, out=block[: hc[rows].size(0)])
-                total += (_block_losses_(logits, targets[rows], softcap) * token_weights[rows]).sum()
+                total += (_block_losses_(logits, targets[rows], softcap, cpu_kernel) * token_weights[rows]).sum()
                 torch.mm(logits, w, out=grad_h[rows])
                 grad_h[rows] *= scale[rows]
                 if compute_dtype == acc:
@@ -103,7 +114,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h.to(h_dtype) * grad_out, (grad_w * grad_out).to(w_dtype), None, None, None, None)
+        return (grad_h.to(h_dtype) * grad_out, (grad_w * grad_out).to(w_dtype), None, None, None, None, None)
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -112,30 +123,32 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def _token_losses(h, weight, targets, softcap, dtype) -> torch.Tensor:
+def _token_losses(h, weight, targets, softcap, dtype, cpu_kernel) -> torch.Tensor:
     with torch.autocast(device_type=h.device.type, enabled=False):
         w = weight.to(dtype)
-        return torch.cat([_block_losses_(h[s:s + BLOCK_ROWS].to(dtype) @ w.T, targets[s:s + BLOCK_ROWS], softcap)
+        return torch.cat([_block_losses_(h[s:s + BLOCK_ROWS].to(dtype) @ w.T, targets[s:s + BLOCK_ROWS], softcap,
+                                         cpu_kernel)
                           for s in range(0, h.size(0), BLOCK_ROWS)])
 
 
 @torch.compiler.disable  # hand-fused already; tracing its Python loops would unroll thousands of ops
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          softcap: float | None, reduction: str = "mean",
-                         weights: torch.Tensor | None = None) -> torch.Tensor:
+                         weights: torch.Tensor | None = None, cpu_kernel: bool = False) -> torch.Tensor:
     """Cross entropy of softcap(h @ weight.T) against targets (-1 = ignored).
 
     h (..., C), targets (...). "mean" over counted targets, "sum", or "none" ((...) losses, 0 where
     ignored; without gradients). weights (...), for "mean" and "sum": each token's loss is scaled by
     its weight first (any sign, e.g. policy-gradient advantages); they get no gradient.
+    cpu_kernel: the elementwise work in one C++ kernel on CPU (llm/model/cpu_loss_kernel.py).
     """
     shape = targets.shape
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     dtype = _compute_dtype(h)
     counted = (targets >= 0).to(accumulation_dtype(dtype))
     if reduction == "none":
-        return (_token_losses(h, weight, targets, softcap, dtype) * counted).view(shape)
+        return (_token_losses(h, weight, targets, softcap, dtype, cpu_kernel) * counted).view(shape)
     token_weights = counted if weights is None else counted * weights.detach().reshape(-1).to(counted.dtype)
     if reduction == "mean":
         token_weights = token_weights / counted.sum().clamp(min=1)
-    return _LinearCrossEntropy.apply(h, weight, targets, token_weights, softcap, dtype)
+    return _LinearCrossEntropy.apply(h, weight, targets, token_weights, softcap, dtype, cpu_kernel)

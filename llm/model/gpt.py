@@ -202,6 +202,9 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(self.wte.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # Compiled runs set this: the output layer's loss then runs as one C++ kernel on CPU
+        # (llm/model/cpu_loss_kernel.py), which needs the compiler that torch.compile needs anyway.
+        self.cpu_loss_kernel = False
         # On the meta device there is nothing to initialise yet: to_empty() then init_weights().
         if self.wte.weight.device.type != "meta":
             self.init_weights()
@@ -297,7 +300,7 @@ class GPT(nn.Module):
             if reduction != "none" or not torch.is_grad_enabled():
                 # the loss straight from the hidden states, never holding (B, T, vocab) logits
                 return linear_cross_entropy(x, self.lm_head.weight, targets, self.config.logit_softcap, reduction,
-                                            loss_weights)
+                                            loss_weights, cpu_kernel=self.cpu_loss_kernel)
         logits = self.lm_head(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64 as computed
         if self.config.logit_softcap is not None:

@@ -77,6 +77,7 @@ class StageModule(L.LightningModule):
         if self.compile and self._forward is self.model:
             # kept off the module tree, so state_dict keys stay free of `_orig_mod.`
             object.__setattr__(self, "_forward", torch.compile(self.model))
+            self.model.cpu_loss_kernel = True
 
     # ---- optimisation ---------------------------------------------------------------------
 
