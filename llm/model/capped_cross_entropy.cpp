@@ -40,10 +40,15 @@ template <typename T>
 float capped_row(T* __restrict__ row, int64_t target, int64_t vocab, float cap, float* __restrict__ s,
                  float* __restrict__ e) {
   const float k = 2.0f / cap, two_c = 2.0f * cap;
-  // sigmoid is increasing, so the largest z comes from the largest logit: exp never overflows
-  float x_max = load(row, 0);
-  for (int64_t j = 1; j < vocab; ++j) x_max = std::max(x_max, load(row, j));
-  const float z_max = two_c / (1.0f + std::exp(-k * x_max));
+  // Any shift >= max(z) keeps exp from overflowing. z = 2c*s never exceeds 2c, and for caps up to
+  // 20 even exp(-4c) stays a normal float32, so 2c itself will do and saves a pass; larger caps
+  // shift by the row's largest z (sigmoid is increasing: it comes from the largest logit).
+  float z_max = two_c;
+  if (cap > 20.0f) {
+    float x_max = load(row, 0);
+    for (int64_t j = 1; j < vocab; ++j) x_max = std::max(x_max, load(row, j));
+    z_max = two_c / (1.0f + std::exp(-k * x_max));
+  }
   float sum = 0.0f;
   for (int64_t j = 0; j < vocab; ++j) {
     const float sj = 1.0f / (1.0f + std::exp(-k * load(row, j)));
