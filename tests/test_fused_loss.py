@@ -9,12 +9,22 @@ import torch.nn.functional as F
 from llm.model import cpu_loss_kernel, fused_loss
 from llm.model.fused_loss import linear_cross_entropy
 
+BLOCK_ROWS_OF = fused_loss.block_rows
+
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     # tiny blocks and chunks, so a few dozen rows already span several of each, the last ones partial
-    monkeypatch.setattr(fused_loss, "BLOCK_ROWS", 24)
+    monkeypatch.setattr(fused_loss, "block_rows", lambda vocab, dtype: 24)
     monkeypatch.setattr(fused_loss, "CPU_CHUNK_ROWS", 5)
+
+
+def test_blocks_hold_the_same_bytes_whatever_the_dtype():
+    # (the fixture above shrinks blocks for every other test)
+    rows = BLOCK_ROWS_OF
+    assert rows(32768, torch.float32) * 32768 * 4 == rows(32768, torch.bfloat16) * 32768 * 2 == fused_loss.BLOCK_BYTES
+    assert rows(65536, torch.bfloat16) == rows(32768, torch.float32)
+    assert rows(2**30, torch.float64) == 1  # never zero rows
 
 
 def reference(h, weight, targets, softcap, reduction):
