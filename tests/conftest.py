@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the resolvers the configs use)
 from llm.data.sources import TextSource, iter_texts
+from llm.model.gpt import GPTConfig
 from llm.optim.groups import OptimizerConfig
+from llm.stages.base import PretrainModule
 from llm.tokenizer import Tokenizer
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -27,6 +29,15 @@ def optimizer_config(group: str = "muon_adamw", **overrides) -> OptimizerConfig:
     values = OmegaConf.to_container(compose_config("train", [f"optimizer={group}"]).optimizer)
     values.pop("_target_")
     return OptimizerConfig(**{**values, **overrides})
+
+
+def pretrain_module(tokenizer: Tokenizer, n_layer: int = 2, total_steps: int = 10, sequence_len: int = 64,
+                    compile: bool = False) -> PretrainModule:
+    """The base stage's module on a tiny model, with conf/'s optimizer and no periodic samples."""
+    config = GPTConfig.from_depth(n_layer, vocab_size=tokenizer.vocab_size, sequence_len=sequence_len)
+    return PretrainModule(config, optimizer_config(), tokenizer, total_steps=total_steps, warmup_ratio=0.0,
+                          warmdown_ratio=0.2, final_lr_frac=0.0, sample_every=0, sample_max_tokens=1, sample_prompts=[],
+                          compile=compile)
 
 
 @pytest.fixture(scope="session")

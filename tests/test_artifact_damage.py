@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import compose_config, optimizer_config
+from conftest import compose_config, pretrain_module
 from llm import artifact
 from llm.chat import load_generator
 from llm.errors import BadFileError
@@ -188,12 +188,6 @@ def test_chat_prints_one_line_and_no_traceback(intact, tmp_path):
 # ----------------------------------------------------------------------------- resume from last.ckpt
 
 
-def module_for(tokenizer: Tokenizer, n_layer: int = 2, total_steps: int = 10) -> PretrainModule:
-    config = GPTConfig.from_depth(n_layer, vocab_size=tokenizer.vocab_size, sequence_len=64)
-    return PretrainModule(config, optimizer_config(), tokenizer, total_steps=total_steps, warmup_ratio=0.0,
-                          warmdown_ratio=0.2, final_lr_frac=0.0, sample_every=0, sample_max_tokens=1, sample_prompts=[])
-
-
 def lightning_checkpoint(path: Path, module: PretrainModule) -> Path:
     """What Lightning saves, as far as resuming looks at it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,16 +202,16 @@ CHECKPOINT_DAMAGES = [
     ("garbage", lambda p, t: garble(p), "is not a whole checkpoint"),
     ("not a Lightning checkpoint", lambda p, t: torch.save({"weights": torch.zeros(3)}, p),
      "is not a Lightning checkpoint"),
-    ("another model shape", lambda p, t: lightning_checkpoint(p, module_for(t, n_layer=4)),
+    ("another model shape", lambda p, t: lightning_checkpoint(p, pretrain_module(t, n_layer=4)),
      "holds the weights of another model"),
-    ("another run", lambda p, t: lightning_checkpoint(p, module_for(t, total_steps=20)),
+    ("another run", lambda p, t: lightning_checkpoint(p, pretrain_module(t, total_steps=20)),
      "was written by a run with other settings (total_steps: 20 in the checkpoint vs 10 in this run)"),
 ]
 
 
 @pytest.mark.parametrize("name,damage,what", CHECKPOINT_DAMAGES, ids=[d[0] for d in CHECKPOINT_DAMAGES])
 def test_resume_refuses_a_damaged_checkpoint(name, damage, what, tmp_path, tokenizer):
-    module = module_for(tokenizer)
+    module = pretrain_module(tokenizer)
     ckpt = lightning_checkpoint(tmp_path / "checkpoints" / "last.ckpt", module)
     assert resumable_checkpoint(ckpt, True, module) == str(ckpt)  # intact: resumed
     damage(ckpt, tokenizer)

@@ -12,10 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import compose_config, optimizer_config
-from llm.model.gpt import GPTConfig
+from conftest import compose_config, pretrain_module
 from llm.reporting.curves import read_scalars
-from llm.stages.base import PretrainModule
 from llm.stages.plan import Horizon, make_plan
 from llm.train import run
 
@@ -84,9 +82,7 @@ def test_auto_compiles_cpu_runs_long_enough_to_repay_it(tmp_path, tokenizer_dir,
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_compiled_runs_take_the_cpu_loss_kernel_and_eager_ones_do_not(tokenizer, compile):
-    config = GPTConfig.from_depth(1, vocab_size=tokenizer.vocab_size, sequence_len=32)
-    module = PretrainModule(config, optimizer_config(), tokenizer, total_steps=2, warmup_ratio=0.0, warmdown_ratio=0.2,
-                            final_lr_frac=0.0, sample_every=0, sample_max_tokens=1, sample_prompts=[], compile=compile)
+    module = pretrain_module(tokenizer, n_layer=1, total_steps=2, sequence_len=32, compile=compile)
     module.configure_model()
     assert module.model.cpu_loss_kernel is compile
     assert (module._forward is not module.model) is compile  # the compiled wrapper, off the module tree
