@@ -130,7 +130,7 @@ def test_newton_schulz_of_a_stack_is_each_matrix_alone():
 
 
 def test_muon_batches_same_shaped_matrices_without_changing_any_update():
-    """The optimizer stacks updates by shape; each param must move exactly
+    """The optimizer stacks updates by shape (tall ones turned wide); each param must move exactly
     as it would in an optimizer of its own."""
     torch.manual_seed(0)
     shapes = [(16, 16), (32, 16), (16, 32), (16, 16), (8, 24)]

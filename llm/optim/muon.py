@@ -73,11 +73,10 @@ def _distributed() -> bool:
 
 
 def _orthogonalise(updates: list[Tensor], steps: int) -> list[Tensor]:
-    """Newton-Schulz of each update. Same-shaped whole tensors go as one stack (zeropower turns a
-    tall stack wide itself): a step has many small matrices of a few shapes, and one batched matmul
-    beats many small ones (d4's optimizer step on CPU: ~33 ms instead of 66). A sharded DTensor is
-    gathered, orthogonalised and cut back to this rank's shard one at a time, so FSDP never holds
-    more than one full matrix."""
+    """Newton-Schulz of each update. Same-shaped whole tensors (tall ones turned wide) go as one
+    stack: a step has many small matrices of a few shapes, and one batched matmul beats many small
+    ones (d4 on CPU: 21 ms instead of 55). A sharded DTensor is gathered, orthogonalised and cut
+    back to this rank's shard one at a time, so FSDP never holds more than one full matrix."""
     result: list[Tensor] = list(updates)
     stacks: dict[tuple, list[int]] = {}
     for i, g in enumerate(updates):
@@ -87,11 +86,11 @@ def _orthogonalise(updates: list[Tensor], steps: int) -> list[Tensor]:
             full = zeropower_via_newtonschulz5(g.full_tensor(), steps)
             result[i] = distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None)
         else:
-            stacks.setdefault((g.shape, g.dtype, g.device), []).append(i)
+            stacks.setdefault((tuple(sorted(g.shape)), g.dtype, g.device), []).append(i)
     for indices in stacks.values():
-        orthogonal = zeropower_via_newtonschulz5(torch.stack([updates[i] for i in indices]), steps)
-        for i, X in zip(indices, orthogonal):
-            result[i] = X
+        wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in indices]
+        for i, X in zip(indices, zeropower_via_newtonschulz5(torch.stack(wide), steps)):
+            result[i] = X.mT if updates[i].size(0) > updates[i].size(1) else X
     return result
 
 
