@@ -88,9 +88,10 @@ def _orthogonalise(updates: list[Tensor], steps: int) -> list[Tensor]:
         else:
             stacks.setdefault((tuple(sorted(g.shape)), g.dtype, g.device), []).append(i)
     for indices in stacks.values():
-        wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in indices]
-        for i, X in zip(indices, zeropower_via_newtonschulz5(torch.stack(wide), steps)):
-            result[i] = X.mT if updates[i].size(0) > updates[i].size(1) else X
+        tall = [updates[i].size(0) > updates[i].size(1) for i in indices]
+        wide = [updates[i].mT if t else updates[i] for i, t in zip(indices, tall)]
+        for i, t, X in zip(indices, tall, zeropower_via_newtonschulz5(torch.stack(wide), steps)):
+            result[i] = X.mT if t else X
     return result
 
 
